@@ -1,0 +1,63 @@
+"""Variance-preserving DDPM schedule and RED-diff timestep sequences.
+
+Conventions (ADM / guided-diffusion): linear betas from 1e-4 to 0.02 over T = 1000 steps,
+``alpha_bar[t] = prod_{s <= t} (1 - beta_s)`` for ``t`` in ``{0, ..., T-1}``.  ``alpha_bar_at(-1)`` is 1
+(the clean image), which the DDIM-type samplers use for their last step.
+"""
+from __future__ import annotations
+
+import torch
+
+ORDERINGS = ("descending", "ascending", "random")
+
+
+class Schedule:
+    """Linear-beta VP schedule. ``alpha_bar`` is kept in float64 and cast on use."""
+
+    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        if T <= 0:
+            raise ValueError(f"T must be positive, got {T}")
+        self.T = int(T)
+        self.betas = torch.linspace(beta_start, beta_end, self.T, dtype=torch.float64)
+        self.alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)
+        # index 0 of the padded table is t = -1 (alpha_bar = 1)
+        self._padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar])
+
+    def alpha_bar_at(self, t, like: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha_bar for an int or an integer tensor ``t`` (``-1`` allowed); dtype/device of ``like``."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        a = self._padded[t + 1]
+        if like is not None:
+            a = a.to(device=like.device, dtype=like.dtype)
+        return a
+
+    def sigma_over_alpha(self, t) -> torch.Tensor:
+        """sqrt(1 - alpha_bar) / sqrt(alpha_bar): the inverse SNR that RED-diff weights by."""
+        a = self.alpha_bar_at(t)
+        return ((1 - a) / a).sqrt()
+
+    def t_for_noise_std(self, sigma: float) -> int:
+        """Timestep whose x0-space noise std sqrt((1-a)/a) is closest to ``sigma`` (model units)."""
+        s = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
+        return int(torch.argmin((s - sigma).abs()))
+
+
+def timesteps(num_steps: int, ordering: str = "descending", T: int = 1000, seed: int = 0) -> list[int]:
+    """The ``num_steps`` timesteps visited, every (T // num_steps)-th one as in the official code.
+
+    ``descending`` visits T -> 1 (the paper default), ``ascending`` 1 -> T and ``random`` a seeded
+    permutation that visits each chosen step exactly once.
+    """
+    if not isinstance(num_steps, int) or num_steps <= 0 or num_steps > T:
+        raise ValueError(f"steps must be an integer in [1, {T}], got {num_steps!r}")
+    if ordering not in ORDERINGS:
+        raise ValueError(f"unknown ordering {ordering!r}; valid orderings: {', '.join(ORDERINGS)}")
+    skip = T // num_steps
+    ts = list(range(0, T, skip))[:num_steps]
+    if ordering == "descending":
+        return ts[::-1]
+    if ordering == "ascending":
+        return ts
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(len(ts), generator=g).tolist()
+    return [ts[i] for i in perm]

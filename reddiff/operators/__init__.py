@@ -1,0 +1,3 @@
+from .base import LinearOperator, Operator, OperatorCapabilityError, SVDOperator
+
+__all__ = ["Operator", "LinearOperator", "SVDOperator", "OperatorCapabilityError"]
