@@ -1,0 +1,35 @@
+# Everything runs inside .venv; `make demo` and `make test` set it up first when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench tables results clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup  ## the main job: RED-diff x4 super-resolution on the embedded prior and demo images
+	WANDB_SILENT=true $(PY) run.py
+
+test: setup  ## the full suite, slow tests included (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup  ## regenerate results/speed.md and results/gmm_posterior.md
+	$(PY) -m benchmarks.speed --json results/speed.json
+	$(PY) -m benchmarks.gmm_posterior --json results/gmm_posterior.json
+
+tables: setup  ## rebuild table.md/table.csv of every committed sweep under results/
+	for d in results/*/; do [ -n "$$(find $$d -name summary.json -print -quit)" ] && $(PY) -m reddiff.tables $$d > /dev/null; done; true
+
+clean-venv:
+	rm -rf $(VENV)

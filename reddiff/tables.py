@@ -1,0 +1,238 @@
+"""Tables from a sweep (or any folder of job dirs): ``python -m reddiff.tables DIR [--format md|csv|tex]``.
+
+Rows are jobs (one per sampler / setting), columns are metrics as mean ± 95% CI, then NFE and s/image, then
+the published values ("paper" columns, with their provenance tag) where they exist.  Shards of the same job
+(``data.shard=i``) are merged first: per-image rows are concatenated and set-level metrics (KID/FID/top-1)
+are recomputed over the merged per-image features, never averaged across shards.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from .anchors import lookup
+from .experiment import compute_metrics, fmt_metric
+from .results import atomic_write_text, load_features, read_rows
+
+SHARD_RE = re.compile(r"^(\+*data\.shard|\+*data\.num_shards|hydra\..*|resume|progress|device)=")
+METRIC_ORDER = ["psnr", "ssim", "lpips", "kid", "fid", "top1", "top5"]
+
+
+def find_jobs(root: Path) -> list[Path]:
+    root = Path(root)
+    return sorted({p.parent for p in root.rglob("summary.json")} | {p.parent for p in root.rglob("metrics.csv")},
+                  key=lambda p: _num_key(p.relative_to(root).as_posix()))
+
+
+def _num_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _load(job: Path) -> dict:
+    s = job / "summary.json"
+    if s.exists():
+        return json.loads(s.read_text())
+    return {"status": "incomplete", "task": "?", "sampler": job.name, "metrics": {}, "cost": {}, "overrides": []}
+
+
+def _group_key(summary: dict) -> tuple:
+    ov = [o for o in summary.get("overrides", []) if not SHARD_RE.match(o)]
+    return (summary.get("task"), summary.get("sampler"), summary.get("prior"), summary.get("data"), tuple(sorted(ov)))
+
+
+def merge_shards(jobs: list[Path], summaries: list[dict]) -> dict:
+    """Merge the per-image rows and features of shard jobs and recompute every metric."""
+    from hydra.utils import instantiate
+
+    rows, feat_paths = [], []
+    seen = set()
+    for job in jobs:
+        if not (job / "metrics.csv").exists():
+            continue
+        for r in read_rows(job / "metrics.csv"):
+            if r["image_id"] in seen:
+                continue
+            seen.add(r["image_id"])
+            rows.append(r)
+            if r.get("diverged") != "true":
+                feat_paths.append(job / "features" / f"{r['image_id']}.npz")
+    base = dict(summaries[0])
+    suite = instantiate(base["config"]["metrics"])
+    base["metrics"] = compute_metrics(rows, suite, load_features(feat_paths))
+    import numpy as np
+
+    base["n_images"] = len(rows)
+    base["cost"] = dict(base.get("cost", {}))
+    base["cost"]["nfe_per_image"] = float(np.mean([float(r["nfe"]) for r in rows])) if rows else None
+    base["cost"]["seconds_per_image"] = float(np.mean([float(r["seconds"]) for r in rows])) if rows else None
+    base["cost"]["peak_rss_mb"] = max((s.get("cost", {}).get("peak_rss_mb") or 0) for s in summaries)
+    base["diverged"] = sum(r.get("diverged") == "true" for r in rows)
+    base["merged_shards"] = len(jobs)
+    base["overrides"] = [o for o in base.get("overrides", []) if not SHARD_RE.match(o)]
+    return base
+
+
+def collect(root: Path) -> list[dict]:
+    jobs = find_jobs(root)
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        s = _load(job)
+        s["_dir"] = str(job)
+        groups.setdefault(_group_key(s), []).append((job, s))
+    out = []
+    for members in groups.values():
+        if len(members) > 1 and all(s.get("status") == "ok" for _, s in members):
+            merged = merge_shards([j for j, _ in members], [s for _, s in members])
+            merged["_dir"] = ", ".join(str(j) for j, _ in members)
+            out.append(merged)
+        else:
+            out.extend(s for _, s in members)
+    return out
+
+
+def _label(summary: dict, varying: set) -> str:
+    ov = [o for o in summary.get("overrides", []) if o.split("=")[0] in varying and not SHARD_RE.match(o)]
+    return " ".join(ov) if ov else f"{summary.get('task')} / {summary.get('sampler')}"
+
+
+def build_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, rows and footnotes of the table."""
+    metrics = [m for m in METRIC_ORDER if any(m in s.get("metrics", {}) for s in summaries)]
+    keys = {}
+    for s in summaries:
+        for o in s.get("overrides", []):
+            k, _, v = o.partition("=")
+            keys.setdefault(k, set()).add(v)
+    varying = {k for k, vs in keys.items() if len(vs) > 1 or len(summaries) == 1}
+    paper_metrics = [m for m in METRIC_ORDER if any(m in lookup(s.get("task"), s.get("sampler")) for s in summaries)]
+    header = ["job", "task", "sampler", "n"] + metrics + ["NFE/img", "s/img"] + [f"paper {m}" for m in paper_metrics]
+    rows, sources = [], {}
+    for s in summaries:
+        if s.get("status") == "n/a":
+            cells = ["n/a"] * len(metrics) + ["-", "-"]
+        elif s.get("status") != "ok":
+            cells = [s.get("status", "?")] * len(metrics) + ["-", "-"]
+        else:
+            cells = [fmt_metric(s["metrics"].get(m, {"missing": "not requested"}), 3 if m in ("ssim", "lpips") else 2)
+                     for m in metrics]
+            c = s.get("cost", {})
+            cells += [f"{c['nfe_per_image']:.0f}" if c.get("nfe_per_image") is not None else "-",
+                      f"{c['seconds_per_image']:.2f}" if c.get("seconds_per_image") is not None else "-"]
+        paper = lookup(s.get("task"), s.get("sampler"))
+        pcells = []
+        for m in paper_metrics:
+            if m in paper:
+                v, tag, src = paper[m]
+                sources[src] = True
+                pcells.append(f"{v:g} ({tag})")
+            else:
+                pcells.append("")
+        rows.append([_label(s, varying), str(s.get("task")), str(s.get("sampler")), str(s.get("n_images", 0))] + cells + pcells)
+    notes = []
+    missing = {}
+    for s in summaries:
+        for m, v in s.get("metrics", {}).items():
+            if "missing" in v:
+                missing[m] = v["missing"]
+    for m, reason in missing.items():
+        notes.append(f"{m}: missing — {reason}")
+    for s in summaries:
+        if s.get("status") == "n/a":
+            notes.append(f"n/a ({s.get('sampler')} on {s.get('task')}): {s.get('reason')}")
+    if sources:
+        notes.append("paper columns: " + "; ".join(sources) + " (tags: paper* = public transcription of the paper, "
+                     "unverified = approximate; ImageNet-256/ADM numbers, not comparable in absolute value to the embedded prior)")
+    return header, rows, notes
+
+
+def render(header, rows, notes, fmt: str = "md") -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+        return buf.getvalue()
+    if fmt == "tex":
+        esc = lambda t: t.replace("±", r"$\pm$").replace("_", r"\_").replace("%", r"\%")  # noqa: E731
+        lines = [r"\begin{tabular}{" + "l" * 3 + "r" * (len(header) - 3) + "}", r"\toprule",
+                 " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(esc(c) for c in r) + r" \\" for r in rows]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    if notes:
+        out.append("")
+        out += [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def write_tables(root: Path, command: str | None = None) -> str:
+    root = Path(root)
+    summaries = collect(root)
+    header, rows, notes = build_rows(summaries)
+    md = render(header, rows, notes, "md")
+    if command:
+        md = f"Command: `{command}`\n\n" + md
+    atomic_write_text(root / "table.md", md)
+    atomic_write_text(root / "table.csv", render(header, rows, notes, "csv"))
+    return md
+
+
+class SweepTableCallback(Callback):
+    """Hydra callback: at the end of a multirun, write table.md / table.csv in the sweep dir and print them."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import sys
+
+        root = Path(config.hydra.sweep.dir)
+        if not root.exists():
+            return
+        cmd = "python run.py -m " + " ".join(config.hydra.overrides.task)
+        md = write_tables(root, cmd)
+        print(f"\n[reddiff] sweep table ({root}/table.md):\n{md}")
+        try:
+            _log_wandb_table(root, config)
+        except Exception as e:  # noqa: BLE001 - logging never fails the sweep
+            print(f"[reddiff] W&B table not logged: {e}", file=sys.stderr)
+
+
+def _log_wandb_table(root: Path, config) -> None:
+    lg = config.get("logger", {})
+    if not lg or "Wandb" not in str(lg.get("_target_", "")):
+        return
+    import wandb
+
+    header, rows, _ = build_rows(collect(root))
+    run = wandb.init(project=lg.get("project"), entity=lg.get("entity"), mode=lg.get("mode", "offline"),
+                     group=config.get("experiment_name") or "adhoc", job_type="table", name=f"table {root.name}",
+                     settings=wandb.Settings(console="off", silent=True), reinit="finish_previous")
+    run.log({"table": wandb.Table(columns=header, data=rows)})
+    run.finish()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="sweep dir (or any folder holding job dirs)")
+    p.add_argument("--format", choices=["md", "csv", "tex"], default="md")
+    p.add_argument("--no-write", action="store_true", help="print only; do not (re)write table.md/table.csv")
+    a = p.parse_args(argv)
+    root = Path(a.dir)
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} is not a directory")
+    if not a.no_write:
+        write_tables(root)
+    header, rows, notes = build_rows(collect(root))
+    if not rows:
+        raise SystemExit(f"error: no job dirs (summary.json / metrics.csv) under {root}")
+    print(render(header, rows, notes, a.format), end="")
+
+
+if __name__ == "__main__":
+    main()
