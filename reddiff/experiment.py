@@ -227,7 +227,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     for name, reason in suite.missing.items():
         log.warning("metric %s missing: %s", name, reason)
     logger = build(cfg.logger, "logger")
-    logger.start(resolved, ident)
+    logger.start(resolved, ident, job_dir)
 
     per_image_names = list(suite.names)  # one CSV column per metric; set-level ones stay empty
     store = ResultStore(job_dir, per_image_names, resume=cfg.resume)

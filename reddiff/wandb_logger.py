@@ -11,7 +11,7 @@ log = logging.getLogger("reddiff")
 
 
 class NullLogger:
-    def start(self, config: dict, ident: dict) -> None:
+    def start(self, config: dict, ident: dict, job_dir: Path | None = None) -> None:
         pass
 
     def step_callback(self, indices):
@@ -35,14 +35,14 @@ class WandbLogger(NullLogger):
         self._rows = []
         self._step = 0
 
-    def start(self, config: dict, ident: dict) -> None:
+    def start(self, config: dict, ident: dict, job_dir: Path | None = None) -> None:
         try:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
             name = " ".join(ident.get("overrides") or []) or f"{ident['sampler']}-{ident['task']}"
             self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, group=self.group,
-                                  job_type=self.job_type, name=name[:120], config=config, reinit="finish_previous",
+                                  job_type=self.job_type, name=name[:120], config=config, reinit="finish_previous", dir=str(job_dir) if job_dir else None,
                                   settings=wandb.Settings(init_timeout=60, console="off", silent=True))
         except Exception as e:  # noqa: BLE001 - logging must never break a run
             log.warning("W&B disabled for this run: %s", e)
