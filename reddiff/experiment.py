@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ResolutionMismatchError, UserError
 from .operators.base import OperatorCapabilityError
-from .results import ResultStore, atomic_write_text, read_rows
+from .results import ResultStore, atomic_write_text, safe_name
 from .rng import BatchRNG
 
 log = logging.getLogger("reddiff")
@@ -116,7 +116,7 @@ class DivergenceMonitor:
         prior.eps = eps
 
     def close(self):
-        self.prior.eps = self._orig
+        self.prior.__dict__.pop("eps", None)
 
     def steps(self, final_bad: torch.Tensor) -> list[int | None]:
         fb = self.first_bad.cpu().tolist() if self.first_bad is not None else [0] * len(final_bad)
@@ -294,9 +294,9 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
             for name in per_image_names:
                 row[name] = None if diverged or name not in vals else float(vals[name][j])
             if cfg.save_images:
-                save_png(job_dir / "images" / f"{e.image_id}.png", x_eval[j])
+                save_png(job_dir / "images" / f"{safe_name(e.image_id)}.png", x_eval[j])
                 if vis is not None and tuple(vis.shape[1:]) == tuple(x.shape[1:]):
-                    save_png(job_dir / "images" / f"{e.image_id}_y.png", vis[j])
+                    save_png(job_dir / "images" / f"{safe_name(e.image_id)}_y.png", vis[j])
             fj = {k: np.asarray(v[j]) for k, v in feats.items()}
             if e.label is not None:
                 fj["label"] = np.asarray(e.label)
@@ -364,8 +364,8 @@ def write_job_grid(job_dir: Path, store: ResultStore, dataset, summary: dict, n:
         if len(triples) >= n:
             break
         e = by_id.get(r["image_id"])
-        p_hat = job_dir / "images" / f"{r['image_id']}.png"
-        p_y = job_dir / "images" / f"{r['image_id']}_y.png"
+        p_hat = job_dir / "images" / f"{safe_name(r['image_id'])}.png"
+        p_y = job_dir / "images" / f"{safe_name(r['image_id'])}_y.png"
         if e is None or not p_hat.exists():
             continue
         gt = to_uint8(dataset.load(e))

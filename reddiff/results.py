@@ -106,10 +106,15 @@ class ResultStore:
         self.rows.append({k: _fmt(row.get(k)) for k in self.columns})
 
     def features_path(self, image_id: str) -> Path:
-        return self.dir / "features" / f"{image_id}.npz"
+        return self.dir / "features" / f"{safe_name(image_id)}.npz"
 
     def load_features(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         return load_features([self.features_path(i) for i in image_ids])
+
+
+def safe_name(image_id: str) -> str:
+    """A file name for an image id (ids of nested folders may contain path separators)."""
+    return str(image_id).replace("/", "__").replace("\\", "__")
 
 
 def load_features(paths: Iterable[Path]) -> dict[str, np.ndarray]:

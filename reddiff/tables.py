@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 
 from .anchors import lookup
 from .experiment import compute_metrics, fmt_metric
-from .results import atomic_write_text, load_features, read_rows
+from .results import atomic_write_text, load_features, read_rows, safe_name
 
 SHARD_RE = re.compile(r"^(\+*data\.shard|\+*data\.num_shards|hydra\..*|resume|progress|device)=")
 METRIC_ORDER = ["psnr", "ssim", "lpips", "kid", "fid", "top1", "top5"]
@@ -61,7 +61,7 @@ def merge_shards(jobs: list[Path], summaries: list[dict]) -> dict:
             seen.add(r["image_id"])
             rows.append(r)
             if r.get("diverged") != "true":
-                feat_paths.append(job / "features" / f"{r['image_id']}.npz")
+                feat_paths.append(job / "features" / f"{safe_name(r['image_id'])}.npz")
     base = dict(summaries[0])
     suite = instantiate(base["config"]["metrics"])
     base["metrics"] = compute_metrics(rows, suite, load_features(feat_paths))
