@@ -76,7 +76,10 @@ class WeightSpec:
 
     def missing_message(self, path: Optional[Path] = None) -> str:
         where = path or self.default_path()
-        how = f"run: reddiff weights fetch {self.name}" if self.url else (self.manual or f"place it at {where}")
+        if self.url:
+            how = f"run: reddiff weights fetch {self.name}  (needs internet)"
+        else:  # no direct download: `fetch` prints these instructions
+            how = f"{self.manual or f'place it at {where}'} (`reddiff weights fetch {self.name}` prints these instructions)"
         return f"{self.filename} not found at {where}; {how}"
 
 
@@ -88,12 +91,21 @@ def register(spec: WeightSpec) -> WeightSpec:
     return spec
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file; remembered per (path, size, mtime) in this process (the ADM files are 2 GB)."""
+    st = os.stat(path)
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo in _DIGESTS:
+        return _DIGESTS[memo]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
-    return h.hexdigest()
+    _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
 
 
 def check_hash(spec: WeightSpec, path: Path, verify: bool = True) -> str:
@@ -166,14 +178,34 @@ def fetch(name: str, dest: Optional[Path] = None) -> Path:
 _OPENAI = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 _TV = "https://download.pytorch.org/models/"
 
+# Prior weights ---------------------------------------------------------------------------------------------
+# sha256 pins are only those stated in public sources (cited); the others are left unpinned, and
+# `reddiff weights status` says "no pinned hash" for them.  Never invent one.
+#
+# 256x256_diffusion_uncond.pt: a37c32ff...78b1, stated in alembics/disco-diffusion (disco.py, diff_model_map
+# '256x256_diffusion_uncond' 'sha', commit e4be432 of 2022-07-11, and the Disco_Diffusion.ipynb commit a3f33ac
+# "Fix mistaken sha256sum of '256x256_diffusion_uncond.pt'", 2022-06-22; the earlier notebooks' value
+# 983e3de6... was the secondary model's hash, copied by mistake).
+ADM_IMAGENET256_UNCOND_SHA256 = "a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1"
+# 256x256_diffusion.pt, 256x256_classifier.pt, ffhq_10m.pt: no public sha256 found -> unpinned.
+# embedded64: pinned by the lead once training has finished, with `python -m reddiff.weights pin embedded64`
+# (rewrites the next line with the file's digest; see pin_embedded()).
+EMBEDDED64_SHA256: Optional[str] = None
+
 register(WeightSpec("embedded64", "embedded64.safetensors", "embedded 64x64 ADM-style prior (trained by this project)",
-                    cache="package", package_path="assets/embedded64.safetensors", used_by="prior=embedded"))
+                    cache="package", package_path="assets/embedded64.safetensors", sha256=EMBEDDED64_SHA256,
+                    env="REDDIFF_EMBEDDED",
+                    manual="train it: python -m reddiff.train_prior --out runs/prior "
+                           "--export reddiff/assets/embedded64.safetensors (see reddiff/train_prior.py)",
+                    used_by="prior=embedded"))
 register(WeightSpec("adm_imagenet256_uncond", "256x256_diffusion_uncond.pt", "ADM ImageNet-256 unconditional (552.8M)",
-                    url=_OPENAI + "256x256_diffusion_uncond.pt", env="REDDIFF_ADM_IMAGENET", used_by="prior=adm_imagenet256"))
-register(WeightSpec("adm_imagenet256_cond", "256x256_diffusion.pt", "ADM ImageNet-256 class-conditional",
-                    url=_OPENAI + "256x256_diffusion.pt", used_by="prior=adm_imagenet256_cond"))
+                    url=_OPENAI + "256x256_diffusion_uncond.pt", sha256=ADM_IMAGENET256_UNCOND_SHA256,
+                    env="REDDIFF_ADM_IMAGENET", used_by="prior=adm_imagenet256"))
+register(WeightSpec("adm_imagenet256_cond", "256x256_diffusion.pt", "ADM ImageNet-256 class-conditional (553.8M)",
+                    url=_OPENAI + "256x256_diffusion.pt", env="REDDIFF_ADM_IMAGENET_COND", used_by="prior=adm_imagenet256_cond"))
 register(WeightSpec("adm_imagenet256_classifier", "256x256_classifier.pt", "ADM ImageNet-256 noisy classifier",
-                    url=_OPENAI + "256x256_classifier.pt", used_by="prior=adm_imagenet256_cond (guidance)"))
+                    url=_OPENAI + "256x256_classifier.pt",
+                    used_by="classifier guidance (not implemented by UNetPrior; see docs/MODEL_CARD.md)"))
 register(WeightSpec("dps_ffhq256", "ffhq_10m.pt", "DPS FFHQ-256 unconditional (93.6M)", env="REDDIFF_DPS_FFHQ",
                     manual="download ffhq_10m.pt from the DPS repository's Google Drive link "
                            "(DPS2022/diffusion-posterior-sampling README) and place it at ~/.cache/reddiff/ffhq_10m.pt",
@@ -184,14 +216,75 @@ register(WeightSpec("vgg16", "vgg16-397923af.pth", "torchvision VGG16 (LPIPS-VGG
                     url=_TV + "vgg16-397923af.pth", sha256_prefix="397923af", cache="torch_hub", used_by="metrics: lpips (vgg)"))
 register(WeightSpec("resnet50", "resnet50-0676ba61.pth", "torchvision ResNet-50 IMAGENET1K_V1 (top-1)",
                     url=_TV + "resnet50-0676ba61.pth", sha256_prefix="0676ba61", cache="torch_hub", used_by="metrics: top1"))
+# clean-fid's legacy_pytorch mode (the official RED-diff KID) builds pytorch-fid's Inception and fetches this file with
+# torch.hub's load_state_dict_from_url, i.e. from $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints);
+# reddiff.metrics hands clean-fid the registry's copy instead, so nothing is downloaded at run time.  (clean-fid's
+# other modes use a TorchScript model at /tmp/inception-2015-12-05.pt; not used here.)  Full sha256 (95,628,359
+# bytes) as stated independently by several public evaluation logs; its first 8 hex digits are the file-name tag.
 register(WeightSpec("inception_fid", "pt_inception-2015-12-05-6726825d.pth", "FID Inception (clean-fid legacy_pytorch mode)",
                     url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-                    sha256_prefix="6726825d", cache="torch_hub", used_by="metrics: kid, fid"))
+                    sha256="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+                    cache="torch_hub", used_by="metrics: kid, fid"))
 register(WeightSpec("bkse_gopro", "GOPRO_wVAE.pth", "bkse kernel-space blur network (nonlinear deblur operator)",
                     env="REDDIFF_BKSE",
                     manual="download GOPRO_wVAE.pth from the bkse project (VinAIResearch/blur-kernel-space-exploring, "
                            "experiments/pretrained) and place it at ~/.cache/reddiff/GOPRO_wVAE.pth",
                     used_by="task=deblur_nonlinear"))
+# The DGP list (DDRM's README: "taken from XingangPan/deep-generative-prior"; DDRM does not ship the file).  RED-diff's
+# misc/dgp_top1k.txt is the same 1000 images, labels and order with the class folder prepended.  sha256 of the
+# file at DGP master (commit c503a56); fetched with `reddiff data fetch imagenet_val_1k`.
 register(WeightSpec("imagenet_val_1k", "imagenet_val_1k.txt", "DGP/DDRM list of 1k ImageNet validation images (one per class)",
-                    url="https://raw.githubusercontent.com/bahjat-kawar/ddrm/master/exp/imagenet_val_1k.txt",
+                    url="https://raw.githubusercontent.com/XingangPan/deep-generative-prior/master/scripts/imagenet_val_1k.txt",
+                    sha256="ea8bdfc30918c69a44a408918e739ab10d132a74054677b59096208baf4732cb",
                     used_by="data=imagenet1k"))
+
+
+# ---------------------------------------------------------------------------------------------- pinning helper
+def pin_embedded(path: Optional[Path] = None, source: Optional[Path] = None) -> str:
+    """Pin the embedded prior: write the sha256 of its file into ``EMBEDDED64_SHA256`` in this module's source.
+
+    Run it once training has finished and the final export is in place; review and commit the diff.
+    Returns the digest.
+    """
+    import re
+
+    path = Path(path) if path else REGISTRY["embedded64"].find()
+    if path is None or not Path(path).is_file():
+        raise MissingWeightsError(REGISTRY["embedded64"].missing_message())
+    digest = sha256sum(Path(path))
+    source = Path(source) if source else Path(__file__)
+    text = source.read_text()
+    new, n = re.subn(r"^EMBEDDED64_SHA256: Optional\[str\] = .*$",
+                     f'EMBEDDED64_SHA256: Optional[str] = "{digest}"', text, count=1, flags=re.M)
+    if n != 1:
+        raise RuntimeError(f"could not find the EMBEDDED64_SHA256 line in {source}")
+    source.write_text(new)
+    return digest
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m reddiff.weights", description="weights registry helpers")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pin = sub.add_parser("pin", help="pin the sha256 of the embedded prior in reddiff/weights.py")
+    pin.add_argument("name", choices=["embedded64"])
+    pin.add_argument("--path", default=None, help="file to pin (default: the registry's location)")
+    sub.add_parser("status", help="list every known file")
+    a = p.parse_args(argv)
+    if a.cmd == "pin":
+        path = Path(a.path) if a.path else REGISTRY["embedded64"].find()
+        from .checkpoint import read_json_metadata
+
+        info = read_json_metadata(path, "train_info") if path else None
+        digest = pin_embedded(path)
+        print(f"pinned embedded64 = {digest}\n  file: {path}\n  train_info: {json.dumps(info)}\n"
+              f"  review and commit reddiff/weights.py")
+    else:
+        for row in status_rows():
+            print(f"{row['name']:28s} {row['state']:28s} {row['path']}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,19 @@
+"""Priors (epsilon-predictors on the VP schedule): see :mod:`reddiff.priors.base` for the protocol.
+
+* :class:`reddiff.priors.unet.UNetPrior`: the ADM UNet, loading the published checkpoints
+  (ImageNet-256 uncond/cond, DPS FFHQ-256) or the embedded 64x64 prior, strictly and safely;
+* :mod:`reddiff.priors.adm`: the UNet itself and the published configurations.
+
+``UNetPrior`` is imported lazily so that ``import reddiff.priors`` stays cheap.
+"""
+from .base import Prior
+
+__all__ = ["Prior", "UNetPrior"]
+
+
+def __getattr__(name):
+    if name == "UNetPrior":
+        from .unet import UNetPrior
+
+        return UNetPrior
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -65,10 +65,13 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (as the reference does)."""
+    """GroupNorm computed in float32 whatever the input and parameter dtypes (as the reference does; the
+    reference keeps norm parameters in float32 under fp16, here a whole-network ``.to(half)`` is allowed)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -234,7 +237,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_(nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
+        # the sinusoidal features are computed in float32, then cast to the weights' dtype (a half/bfloat16
+        # network would otherwise fail on a float32 input to its first Linear)
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
         if self.cfg.num_classes is not None:
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass class labels y")
