@@ -1,0 +1,64 @@
+"""Unconditional DDIM (Song, Meng, Ermon, ICLR 2021): a reference row that ignores the measurement.
+
+    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    x_s    = sqrt(a_s) x0_hat + c1 z + c2 eps,   c1 = eta sqrt((1 - a_t/a_s)(1 - a_s)/(1 - a_t)),  c2 = sqrt(1 - a_s - c1^2)
+
+starting from ``x_T ~ N(0, I)``; ``eta = 1`` is ancestral DDPM on the strided schedule, ``eta = 0`` deterministic
+DDIM.  ``y`` only fixes the batch size, dtype and device.  Also the sample generator of the embedded prior.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from reddiff.diffusion import timesteps
+from reddiff.samplers.base import Sampler
+
+
+class DDIM(Sampler):
+    """Unconditional DDIM.
+
+    Args:
+        steps: network evaluations, every (T/steps)-th timestep.
+        eta: stochasticity in [0, 1] (official RED-diff config: 0.5).
+        clip_x0: clamp ``x0_hat`` to [-1, 1] in each step (images).
+        log_every: callback every ``log_every`` steps and at the last one.
+    """
+
+    name = "ddim"
+    requires: tuple = ()
+
+    def __init__(self, steps: int = 100, eta: float = 0.5, clip_x0: bool = False, log_every: int = 10):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"ddim: steps must be an integer in [1, T], got {steps!r}")
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"ddim: eta must be in [0, 1], got {eta}")
+        self.steps = steps
+        self.eta = float(eta)
+        self.clip_x0 = bool(clip_x0)
+        self.log_every = max(1, int(log_every))
+
+    @torch.no_grad()
+    def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:
+        sch = prior.schedule
+        ts = timesteps(self.steps, "descending", T=sch.T)
+        shape = (y.shape[0],) + tuple(prior.shape)
+        x = rng.randn(shape, dtype=y.dtype).to(y.device)
+        last = len(ts) - 1
+        for i, t in enumerate(ts):
+            s = ts[i + 1] if i + 1 < len(ts) else -1
+            a_t, a_s = float(sch.alpha_bar_at(t)), float(sch.alpha_bar_at(s))
+            c1 = self.eta * math.sqrt((1 - a_t / a_s) * (1 - a_s) / (1 - a_t))
+            c2 = math.sqrt(max(1 - a_s - c1 ** 2, 0.0))
+            eps = prior.eps(x, t)
+            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            if self.clip_x0:
+                x0 = x0.clamp(-1.0, 1.0)
+            x = math.sqrt(a_s) * x0 + c2 * eps
+            if c1 > 0:
+                x = x + c1 * rng.randn(shape, dtype=x.dtype).to(x.device)
+            if callback is not None and (i % self.log_every == 0 or i == last):
+                callback(i, {"t": t, "x0": x0})
+        return x
