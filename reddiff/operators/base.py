@@ -118,8 +118,18 @@ class SVDOperator(LinearOperator):
         raise NotImplementedError
 
     # helpers shared by all SVD operators ------------------------------------------------
+    def x_numel(self) -> int:
+        """Number of entries of one x (``n``). Computed from ``x_shape`` so that operators with per-image
+        state (whose ``Vt`` only accepts the batch they were set up for) work too."""
+        n = 1
+        for d in self.x_shape:
+            n *= int(d)
+        return n
+
     def _spectral_mul(self, z: torch.Tensor, s: torch.Tensor, out_dim: int) -> torch.Tensor:
-        """(B, >=k) spectral vector -> (B, out_dim): multiply the first k entries by s, zero-pad/crop."""
+        """(B, >=k) spectral vector -> (B, out_dim): multiply the first k entries by s, zero-pad/crop.
+
+        ``s`` is ``(k,)`` or per image ``(B, k)``."""
         k = s.shape[-1]
         out = z.new_zeros(z.shape[0], out_dim)
         out[:, :k] = z[:, :k] * s
@@ -129,11 +139,9 @@ class SVDOperator(LinearOperator):
         return self.U(self._spectral_mul(self.Vt(x), self.singulars().to(x), self.y_numel()))
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        n = self.Vt(torch.zeros((1,) + tuple(self.x_shape), dtype=y.dtype, device=y.device)).shape[1]
-        return self.V(self._spectral_mul(self.Ut(y), self.singulars().to(y), n))
+        return self.V(self._spectral_mul(self.Ut(y), self.singulars().to(y), self.x_numel()))
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         s = self.singulars().to(y)
         s_inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s))
-        n = self.Vt(torch.zeros((1,) + tuple(self.x_shape), dtype=y.dtype, device=y.device)).shape[1]
-        return self.V(self._spectral_mul(self.Ut(y), s_inv, n))
+        return self.V(self._spectral_mul(self.Ut(y), s_inv, self.x_numel()))
