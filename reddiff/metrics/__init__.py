@@ -1,0 +1,4 @@
+"""Image-restoration metrics (docs/API.md, "Metrics"); see :mod:`reddiff.metrics.suite`."""
+from .suite import DEFAULT_NAMES, METRICS, PER_IMAGE, SET_LEVEL, MetricSuite
+
+__all__ = ["MetricSuite", "METRICS", "PER_IMAGE", "SET_LEVEL", "DEFAULT_NAMES"]
