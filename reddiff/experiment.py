@@ -224,8 +224,6 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
             f"prior {ident['prior']} works at {prior_res}x{prior_res} but data {ident['data']} is "
             f"{dataset.resolution}x{dataset.resolution}; set data.resolution={prior_res} or pick a prior of that size")
     suite = build(cfg.metrics, "metrics")
-    for name, reason in suite.missing.items():
-        log.warning("metric %s missing: %s", name, reason)
     logger = build(cfg.logger, "logger")
     logger.start(resolved, ident, job_dir)
 
