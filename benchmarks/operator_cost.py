@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -124,7 +125,8 @@ def write_markdown(rows: list[dict], adm_s: float, adm_note: str, args, path: Pa
         f"Command: `{cmd.strip()}` (writes this file; `--out` sets the path).",
         "",
         f"Machine: {cpu_name()}, torch {torch.__version__}, "
-        f"{args.threads} CPU thread(s), float32, batch 1, 256 x 256; shared machine, so timings are noisy.",
+        f"{args.threads} CPU thread(s), float32, batch 1, {args.size} x {args.size}; load average at the end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine: timings are noisy).",
         f"Reference: one ADM ImageNet-256 unconditional UNet forward (random weights, no_grad): "
         f"**{adm_s:.2f} s** {adm_note}.",
         "",

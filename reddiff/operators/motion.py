@@ -27,9 +27,11 @@ SVD is exposed with **real** orthonormal transforms:
 * ``U = Phi R^T`` with ``Phi`` the real all-pass circulant of phase ``lam / |lam|`` (1 where lam = 0), so
   ``H = U diag(|lam|) V^T`` exactly, with U and V real orthonormal.  ``y_numel = C*n*n``.
 
-Truncation (regularisation).  Frequencies with ``|lam| < svd_cutoff`` (default 1e-3; the kernel sums to 1 so
-``|lam| <= 1``) are removed from the operator, and always those below ``n * eps64``.  1e-3 matches the smallest
-2-D singular value that survives DDRM's per-axis 3e-2 cutoff for separable blurs ((3e-2)^2 ~ 9e-4).  The operator
+Truncation (regularisation).  Frequencies with ``|lam| < svd_cutoff`` (default 3e-2, DDRM's cutoff value; the
+kernel sums to 1 so ``|lam| <= 1``) are removed from the operator, and always those below ``n * eps64``.  For
+these kernels 3e-2 removes ~27% of the frequencies (DDRM's uniform 9-tap blur: 21%) and changes y of natural
+64 px images by < 1% (bound: ``||H' x - H x|| <= svd_cutoff * ||x||``); with 1e-3 almost nothing is removed and
+the noiseless task becomes an exactly invertible one (pinv PSNR 60-300 dB).  The operator
 **is** this truncated circulant, so forward, adjoint, pinv and SVD agree exactly and ``pinv`` (``1/lam`` on the kept
 frequencies) is both the Moore-Penrose pseudo-inverse of H and a truncated-SVD regularised inverse of the raw
 blur.  ``svd_cutoff = 0`` gives the plain circular blur.
@@ -104,7 +106,7 @@ class MotionBlur(ImageOpMixin, SVDOperator):
     per_image = True
 
     def __init__(self, sigma_y: float = 0.0, size: int = 61, intensity: float = 0.5, seed: int = 0,
-                 svd_cutoff: float = 1e-3):
+                 svd_cutoff: float = 3e-2):
         super().__init__(sigma_y=sigma_y)
         size = int(size)
         if size < 1 or size % 2 == 0:
