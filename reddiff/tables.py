@@ -197,6 +197,14 @@ class SweepTableCallback(Callback):
         cmd = "python run.py -m " + " ".join(config.hydra.overrides.task)
         md = write_tables(root, cmd)
         print(f"\n[reddiff] sweep table ({root}/table.md):\n{md}")
+        if config.get("experiment_name"):  # experiment presets: plots next to the tables (reddiff.plots)
+            try:
+                from .plots import make_plots
+
+                for p in make_plots(root):
+                    print(f"[reddiff] plot: {p}")
+            except Exception as e:  # noqa: BLE001 - plotting never fails the sweep
+                print(f"[reddiff] plots not written: {e}; run: python -m reddiff.plots {root}", file=sys.stderr)
         try:
             _log_wandb_table(root, config)
         except Exception as e:  # noqa: BLE001 - logging never fails the sweep
@@ -212,8 +220,9 @@ def _log_wandb_table(root: Path, config) -> None:
     header, rows, _ = build_rows(collect(root))
     run = wandb.init(project=lg.get("project"), entity=lg.get("entity"), mode=lg.get("mode", "offline"),
                      group=config.get("experiment_name") or "adhoc", job_type="table", name=f"table {root.name}",
-                     settings=wandb.Settings(console="off", silent=True), reinit="finish_previous")
-    run.log({"table": wandb.Table(columns=header, data=rows)})
+                     settings=wandb.Settings(console="off", silent=True), reinit="finish_previous", dir=str(root))
+    run.log({"table": wandb.Table(columns=header, data=rows),
+             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(root.glob("plot_*.png"))}})
     run.finish()
 
 
