@@ -331,3 +331,77 @@ def test_non_default_schedule_is_used():
     p2 = GaussianMixturePrior(means, schedule=Schedule(beta_start=1e-3, beta_end=0.05))
     x = torch.tensor([[1.0]], dtype=F64)
     assert not torch.allclose(p1.eps(x, 100), p2.eps(x, 100))
+
+
+# ------------------------------------------------------------------------------------------ benchmark pieces
+def test_sliced_wasserstein_is_exact_1d_transport():
+    from benchmarks.gmm_posterior import random_directions, sliced_wasserstein
+
+    g = torch.Generator().manual_seed(20)
+    X = torch.randn(300, 1, generator=g, dtype=F64)
+    Y = 2 + 0.5 * torch.randn(170, 1, generator=g, dtype=F64)  # unequal sizes
+    theta = torch.ones(1, 1, dtype=F64)
+    sw1, sw2 = sliced_wasserstein(X, Y, theta)
+    assert abs(sw1 - stats.wasserstein_distance(X[:, 0].numpy(), Y[:, 0].numpy())) < 1e-5
+    # W2 between empirical measures: integral of the squared difference of the quantile functions
+    u = (np.arange(200_000) + 0.5) / 200_000
+    qx = np.sort(X[:, 0].numpy())[np.minimum((u * 300).astype(int), 299)]
+    qy = np.sort(Y[:, 0].numpy())[np.minimum((u * 170).astype(int), 169)]
+    assert abs(sw2 - math.sqrt(np.mean((qx - qy) ** 2))) < 1e-3
+    # identical sets: 0; a shift c: SW_1 = mean |theta . c| over the directions
+    Z = torch.randn(500, 6, generator=g, dtype=F64)
+    th = random_directions(1000, 6, g)
+    assert sliced_wasserstein(Z, Z, th)[0] == 0
+    c = torch.tensor([3.0, 0, 0, 0, 0, 0], dtype=F64)
+    assert abs(sliced_wasserstein(Z, Z + c, th)[0] - float((th @ c).abs().mean())) < 1e-5
+    assert abs(float(th.norm(dim=1).max()) - 1) < 1e-12
+    assert sliced_wasserstein(Z, Z * float("nan"), th)[0] == math.inf
+
+
+@pytest.mark.parametrize("d,dy", [(8, 1), (80, 4), (30, 3)])
+def test_householder_operator_equals_dense_svd(d, dy):
+    from benchmarks.gmm_posterior import problem_operator
+    from reddiff.operators.matrix import MatrixOperator
+
+    g = torch.Generator().manual_seed(21 + d)
+    prior = GaussianMixturePrior.mcgdiff(d, g)
+    pb = mcgdiff_problem(prior, dy, g)
+    op = problem_operator(pb)
+    dense = MatrixOperator(pb.A, sigma_y=pb.sigma_y)
+    V = op.Vt(torch.eye(d, dtype=F64))  # x @ V with x = I
+    x = torch.randn(7, d, generator=g, dtype=F64)
+    yv = torch.randn(7, dy, generator=g, dtype=F64)
+    assert torch.allclose(V.T @ V, torch.eye(d, dtype=F64), atol=1e-12)
+    assert torch.allclose(op.Vt(x), x @ V, atol=1e-12) and torch.allclose(op.V(x), x @ V.T, atol=1e-12)
+    assert torch.allclose(op.matrix, pb.A, atol=1e-12)
+    assert torch.allclose(op.V(op.Vt(x)), x, atol=1e-12)
+    assert torch.allclose(op.forward(x), x @ pb.A.T, atol=1e-12)
+    assert torch.allclose(op.adjoint(yv), dense.adjoint(yv), atol=1e-12)
+    assert torch.allclose(op.pinv(yv), dense.pinv(yv), atol=1e-10)
+    # the SVD pieces reproduce A: U diag(s) (V^T x)[:k]
+    z = op.Vt(x)[:, :dy] * op.singulars()
+    assert torch.allclose(op.U(z), x @ pb.A.T, atol=1e-12)
+    assert op.noise_std == pb.sigma_y
+    assert op.Vt(x.float()).dtype == torch.float32
+
+
+def test_benchmark_cli_smoke(tmp_path):
+    """A tiny run writes the contract JSON: every (d, d_y) and name has sw_mean, sw_ci95, seconds."""
+    import json
+
+    from benchmarks.gmm_posterior import main
+
+    out = tmp_path / "gmm.json"
+    md = tmp_path / "gmm.md"
+    md.write_text("intro\n<!-- table:start -->\nold\n<!-- table:end -->\noutro\n")
+    main(["--dims", "4", "--dims-y", "1,2", "--problems", "2", "--samples", "64", "--steps", "5",
+          "--samplers", "ddrm,dps", "--json", str(out), "--md", str(md)])
+    res = json.loads(out.read_text())
+    for dy in ("1", "2"):
+        cell = res["results"]["4"][dy]
+        assert set(cell) == {"ddrm", "dps", "exact", "prior"}
+        for v in cell.values():
+            assert {"sw_mean", "sw_ci95", "seconds"} <= set(v) and v["sw_mean"] >= 0 and v["seconds"] >= 0
+        assert cell["exact"]["sw_mean"] < cell["prior"]["sw_mean"]
+    text = md.read_text()
+    assert text.startswith("intro\n") and text.rstrip().endswith("outro") and "old" not in text and "| 4 | 2 |" in text

@@ -175,7 +175,8 @@ class GaussianMixturePrior(Prior):
             # basis of the means.  The projection runs in the dtype of x (float32: a relative error ~1e-7 on
             # P^T x, i.e. ~1e-4 on the logits of the d=800 MCGdiff prior, far below any effect on the
             # responsibilities); everything after it is float64, so the cancellation between terms is harmless.
-            xp = (x @ self.mean_basis.to(x.dtype)).to(torch.float64)  # (B, r)
+            # (P^T x^T)^T: the same product as x @ P, several times faster for r << d with CPU BLAS
+            xp = (self.mean_basis.T.to(x.dtype) @ x.T).T.to(torch.float64)  # (B, r)
             xm = xp @ self.mean_coords.T  # (B, K)
             m2 = (self.mean_coords * self.mean_coords).sum(-1)[None, :]
             cross = -2 * sa[:, None] * xm + a[:, None] * m2
