@@ -28,11 +28,11 @@ def main(cfg: DictConfig) -> None:
     except UserError as e:
         # one clear line, no traceback; earlier results in the job dir are kept
         msg = f"error: {e}"
-        log.error(msg)
         print(msg, file=sys.stderr)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "error.txt").write_text(msg + "\n")
         if HydraConfig.get().mode.name == "MULTIRUN":
-            (job_dir / "error.txt").write_text(msg + "\n")
-            return
+            return  # the sweep goes on; its table shows this job as failed
         sys.exit(2)
 
 

@@ -218,6 +218,10 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
         return summary
     dataset = build(cfg.data, f"data={ident['data']}")
     prior = build(cfg.prior, f"prior={ident['prior']}").to(device).eval()
+    try:
+        sampler.check_prior(prior)
+    except ValueError as e:
+        raise UserError(f"sampler={ident['sampler']}: {e}") from e
     prior_res = tuple(prior.shape)[-1]
     if int(dataset.resolution) != int(prior_res):
         raise ResolutionMismatchError(

@@ -26,7 +26,7 @@ METRIC_ORDER = ["psnr", "ssim", "lpips", "kid", "fid", "top1", "top5"]
 
 def find_jobs(root: Path) -> list[Path]:
     root = Path(root)
-    return sorted({p.parent for p in root.rglob("summary.json")} | {p.parent for p in root.rglob("metrics.csv")},
+    return sorted({p.parent for name in ("summary.json", "metrics.csv", "error.txt") for p in root.rglob(name)},
                   key=lambda p: _num_key(p.relative_to(root).as_posix()))
 
 
@@ -38,6 +38,10 @@ def _load(job: Path) -> dict:
     s = job / "summary.json"
     if s.exists():
         return json.loads(s.read_text())
+    err = job / "error.txt"
+    if err.exists():
+        return {"status": "error", "reason": err.read_text().strip(), "task": "?", "sampler": job.name,
+                "metrics": {}, "cost": {}, "overrides": []}
     return {"status": "incomplete", "task": "?", "sampler": job.name, "metrics": {}, "cost": {}, "overrides": []}
 
 
@@ -143,8 +147,8 @@ def build_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]], list[
     for m, reason in missing.items():
         notes.append(f"{m}: missing — {reason}")
     for s in summaries:
-        if s.get("status") == "n/a":
-            notes.append(f"n/a ({s.get('sampler')} on {s.get('task')}): {s.get('reason')}")
+        if s.get("status") in ("n/a", "error"):
+            notes.append(f"{s['status']} ({s.get('sampler')} on {s.get('task')}): {s.get('reason')}")
     if sources:
         notes.append("paper columns: " + "; ".join(sources) + " (tags: paper* = public transcription of the paper, "
                      "unverified = approximate; ImageNet-256/ADM numbers, not comparable in absolute value to the embedded prior)")

@@ -135,7 +135,7 @@ def test_missing_data_root_names_the_key(tmp_path):
 def test_corrupt_image_skipped_and_counted(tmp_path):
     folder = make_folder(tmp_path / "imgs", 3, corrupt=1)
     out = tmp_path / "job"
-    run_py([*FAST, "data=folder", f"data.root={folder}", f"hydra.run.dir={out}"])
+    run_py([*FAST, "data=folder", f"data.root={folder}", "data.resolution=64", f"hydra.run.dir={out}"])
     assert len(read_rows(out / "metrics.csv")) == 3
     s = json.loads((out / "summary.json").read_text())
     assert s["skipped"] == 1 and "broken0" in s["skipped_images"][0]["image_id"]
@@ -154,7 +154,7 @@ def test_incompatible_combination_is_na(tmp_path):
 def test_kill_and_resume_gives_identical_rows(tmp_path):
     """kill -9 a 16-image run mid-way, rerun the same command: 16 rows, no duplicates, same values."""
     folder = make_folder(tmp_path / "imgs", 16)
-    common = ["logger=none", "progress=false", "sampler.steps=8", "batch_size=1", "data=folder", f"data.root={folder}"]
+    common = ["logger=none", "progress=false", "sampler.steps=8", "batch_size=1", "data=folder", f"data.root={folder}", "data.resolution=64"]
     ref = tmp_path / "ref"
     run_py([*common, f"hydra.run.dir={ref}"])
     out = tmp_path / "killed"

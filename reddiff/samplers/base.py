@@ -24,6 +24,13 @@ class Sampler:
         for cap in self.requires:
             operator.require(cap, self.name)
 
+    def check_prior(self, prior) -> None:
+        """Refuse, before any sampling, a step count the prior's schedule cannot provide."""
+        steps = getattr(self, "steps", None)
+        T = prior.schedule.T
+        if steps is not None and not 1 <= int(steps) <= T:
+            raise ValueError(f"{self.name}: steps must be in [1, {T}] for this prior's schedule, got {steps}")
+
     def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
