@@ -3,7 +3,7 @@
     python -m benchmarks.speed [--quick] [--json FILE] [--md FILE] [--prior embedded|adm256-random|ffhq256-random]
                                [--batch 1,8] [--steps 100] [--ddrm-steps 20] [--samplers reddiff,dps,pigdm,ddrm,ddim]
                                [--dtype fp32|bf16|fp16] [--channels-last] [--compile] [--device cpu|cuda|auto]
-                               [--threads N] [--repeats 1] [--forward-repeats 10] [--sweep-steps 20] [--jobs 1]
+                               [--threads N] [--repeats 1] [--forward-repeats 7] [--sweep-steps 10] [--jobs 1]
 
 Task: ``sr4`` (x4 block average, conf/task/sr4.yaml) on the demo images (reddiff/assets/demo, 64x64; random images
 if they are missing or the prior is not 64x64), ``--steps`` steps (DDRM ``--ddrm-steps``).
@@ -28,7 +28,11 @@ Reported per sampler (JSON, one entry per sampler name; the contracted keys firs
 * ``images_per_second`` = batch / wall;
 * ``batch``, ``nfe``, ``forward_ms``, ``forward_kind``, ``wall_s``, ``device``, ``overhead_ms_per_step`` (wall / NFE
   minus the bare call), ``step_median_over_forward`` (median interval between consecutive network calls over the bare
-  call: a noise-robust version of the ratio on a busy machine; CPU only), ``rss_over_bare_loop`` (peak RSS over the
+  call: a noise-robust version of the ratio on a busy machine; CPU only), ``cpu_over_forward`` (the same ratio in
+  process CPU time, which time spent descheduled by other processes does not inflate; CPU only; with one thread it
+  isolates the sampler's own work best), ``wall_over_network_time`` (wall over the time spent inside the network --
+  forward, and backward for DPS / Pi-GDM -- measured during the same run: the least noisy measure of the sampler's
+  own overhead on a shared machine; CPU only), ``rss_over_bare_loop`` (peak RSS over the
   bare loop of the same kind at the same batch), ``peak_gpu_mb`` on CUDA, and ``by_batch`` with all of this for
   every batch.  The top-level values are those of the largest batch.  A sampler that cannot be imported gets
   ``{"missing": reason}``; one that fails gets ``{"error": ...}``.
@@ -203,7 +207,8 @@ def bare_call(prior, x, t: int, kind: str, v=None):
     return g
 
 
-def time_bare(prior, x, kind: str, repeats: int, warmup: int = 2, t: int = 500) -> list[float]:
+def time_bare(prior, x, kind: str, repeats: int, warmup: int = 2, t: int = 500, cpu: Optional[list] = None) -> list[float]:
+    """Wall times of ``repeats`` bare calls after ``warmup`` untimed ones; process CPU times appended to ``cpu``."""
     import torch
 
     v = torch.randn_like(x)
@@ -212,10 +217,12 @@ def time_bare(prior, x, kind: str, repeats: int, warmup: int = 2, t: int = 500) 
     _sync(x.device)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         bare_call(prior, x, t, kind, v)
         _sync(x.device)
         times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     prior.reset_nfe()
     return times
 
@@ -241,19 +248,44 @@ def _problem(spec: dict, batch: int):
 
 
 class StepClock:
-    """Records the time of every network call (wraps ``prior.eps``; no synchronisation)."""
+    """Wraps ``prior.eps`` to record, inside a sampler run, when each network call starts and how long the network
+    itself takes: the forward, and for calls whose input requires grad the backward through the network (from the
+    moment the gradient reaches ``eps`` to the moment it reaches ``x_t``, via tensor hooks).  CPU only (no
+    synchronisation).  Network and sampler time are measured in the same run, so background load inflates both
+    alike: ``wall / network_s`` isolates the sampler's own cost on a busy machine."""
 
     def __init__(self, prior):
         self.prior, self.stamps, self._orig = prior, [], prior.eps
+        self.forward_s = 0.0
+        self.backward_s = 0.0
 
         def eps(x_t, t):
-            self.stamps.append(time.perf_counter())
-            return self._orig(x_t, t)
+            t0 = time.perf_counter()
+            self.stamps.append(t0)
+            out = self._orig(x_t, t)
+            self.forward_s += time.perf_counter() - t0
+            if out.requires_grad and x_t.requires_grad:
+                mark = {}
+
+                def start(g):
+                    mark["t"] = time.perf_counter()
+
+                def end(g):
+                    if "t" in mark:
+                        self.backward_s += time.perf_counter() - mark.pop("t")
+
+                out.register_hook(start)
+                x_t.register_hook(end)
+            return out
 
         prior.eps = eps
 
     def close(self):
         self.prior.eps = self._orig
+
+    @property
+    def network_s(self) -> float:
+        return self.forward_s + self.backward_s
 
     def median_interval(self) -> Optional[float]:
         d = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
@@ -275,23 +307,26 @@ def worker_sampler(spec: dict) -> dict:
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    walls, nfes, intervals = [], [], []
+    walls, cpus, nfes, intervals, net = [], [], [], [], []
     sampler = make_sampler(name, steps)
     for _ in range(spec["repeats"]):
         prior.reset_nfe()
         clock = StepClock(prior) if dev.type == "cpu" else None
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = sampler.sample(y, op, prior, BatchRNG.for_images(0, indices, dev))
         _sync(dev)
         walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         if clock is not None:
             clock.close()
             intervals.append(clock.median_interval())
+            net.append(walls[-1] / clock.network_s)
         nfes.append(prior.nfe)
         finite = bool(torch.isfinite(out).all())
     peak = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else None
-    fwd_times = time_bare(prior, torch.randn_like(x), kind, spec["forward_repeats"], spec["warmup"])
+    fwd_cpu: list = []
+    fwd_times = time_bare(prior, torch.randn_like(x), kind, spec["forward_repeats"], spec["warmup"], cpu=fwd_cpu)
     fwd = statistics.median(fwd_times)
     wall = statistics.median(walls)
     nfe = nfes[0]
@@ -301,6 +336,9 @@ def worker_sampler(spec: dict) -> dict:
         "forward_ms": fwd * 1e3, "forward_ms_all": [t * 1e3 for t in fwd_times], "forward_kind": kind,
         "wall_over_forward": wall / (nfe * fwd) if nfe else None,
         "step_median_over_forward": statistics.median(iv) / fwd if iv else None,
+        "wall_over_network_time": statistics.median(net) if net else None,
+        "cpu_over_forward": (statistics.median(cpus) / (nfe * statistics.median(fwd_cpu))
+                             if nfe and dev.type == "cpu" else None),
         "overhead_ms_per_step": (wall / nfe - fwd) * 1e3 if nfe else None,
         "images_per_second": batch / wall, "peak_rss_mb": round(peak, 1), "peak_gpu_mb": peak_gpu,
         "finite_output": finite, "images": source,
@@ -472,7 +510,9 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
             out[s] = {**head, "by_batch": by_batch}
             continue
         keys = ("wall_over_forward", "peak_rss_mb", "images_per_second", "batch", "nfe", "forward_ms", "device",
-                "forward_kind", "wall_s", "overhead_ms_per_step", "step_median_over_forward", "rss_over_bare_loop",
+                "forward_kind", "wall_s", "overhead_ms_per_step", "step_median_over_forward", "cpu_over_forward",
+                "wall_over_network_time",
+                "rss_over_bare_loop",
                 "peak_gpu_mb", "threads")
         out[s] = {**{k: head.get(k) for k in keys}, "by_batch": by_batch}
     out["bare_forward"] = loops
@@ -527,22 +567,27 @@ def markdown(res: dict) -> str:
          + (" **--quick: smoke-test settings, not for reporting.**" if m["quick"] else ""), "",
          "`wall/fwd` = sampler wall time / (NFE x one bare network call at the same batch: no_grad forward for "
          "RED-diff, DDRM, DDIM; forward + backward to the input for DPS, Pi-GDM).  `step/fwd`: median interval "
-         "between network calls / bare call (robust to background load).  Peak RSS is per process; `RSS/loop` "
+         "between network calls / bare call (robust to background load); `cpu/fwd`: the ratio in process CPU "
+         "time (not inflated by time spent descheduled); `wall/net`: wall time over the time spent inside the network "
+         "(forward, and backward for DPS / Pi-GDM) during the same run, the least noisy measure of the sampler's "
+         "own overhead.  Peak RSS is per process; `RSS/loop` "
          "divides it by the peak of a bare loop of the same kind of call at the same batch.", ""]
     for b in m["batches"]:
         L += [f"## Batch {b}", "",
-              "| sampler | NFE | bare call (ms) | wall (s) | wall/fwd | step/fwd | overhead/step (ms) | images/s | "
-              "peak RSS (MB) | RSS/loop | target wall/fwd |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| sampler | NFE | bare call (ms) | wall (s) | wall/fwd | step/fwd | cpu/fwd | wall/net | overhead/step (ms) | "
+              "images/s | peak RSS (MB) | RSS/loop | target wall/fwd |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in m["samplers"]:
             r = res[s]["by_batch"].get(str(b), {})
             if "missing" in r or "error" in r:
                 L.append(f"| {s} | {'missing: ' + r['missing'] if 'missing' in r else 'error: ' + r['error']} |"
-                         + " |" * 9)
+                         + " |" * 11)
                 continue
             L.append(f"| {s} | {r['nfe']} | {_f(r['forward_ms'], '{:.1f}')} ({r['forward_kind']}) | "
                      f"{_f(r['wall_s'], '{:.2f}')} | {_f(r['wall_over_forward'])} | "
-                     f"{_f(r.get('step_median_over_forward'))} | {_f(r['overhead_ms_per_step'], '{:.1f}')} | "
+                     f"{_f(r.get('step_median_over_forward'))} | {_f(r.get('cpu_over_forward'))} | "
+                     f"{_f(r.get('wall_over_network_time'))} | "
+                     f"{_f(r['overhead_ms_per_step'], '{:.1f}')} | "
                      f"{_f(r['images_per_second'], '{:.3f}')} | {_f(r['peak_rss_mb'], '{:.0f}')} | "
                      f"{_f(r.get('rss_over_bare_loop'))} | {TARGETS[s]} |")
         L.append("")
@@ -598,11 +643,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--repeats", type=int, default=None, help="timed sampler runs per measurement (median; default 1)")
-    p.add_argument("--forward-repeats", type=int, default=None, help="timed bare calls (median; default 10)")
+    p.add_argument("--forward-repeats", type=int, default=None, help="timed bare calls (median; default 7)")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up: sampler steps before the timed runs, and untimed bare calls (default 2)")
-    p.add_argument("--loop-calls", type=int, default=None, help="calls in the bare reference loops (default 10)")
-    p.add_argument("--sweep-steps", type=int, default=None, help="RED-diff steps in the sweep timing (default 20)")
+    p.add_argument("--loop-calls", type=int, default=None, help="calls in the bare reference loops (default 5)")
+    p.add_argument("--sweep-steps", type=int, default=None, help="RED-diff steps in the sweep timing (default 10)")
     p.add_argument("--sweep-repeats", type=int, default=None, help="alternating sweep timings (median; default 3)")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--jobs", type=int, default=None, help="workers at a time (default 1; >1 spoils timings)")
@@ -611,8 +656,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     q = a.quick
     defaults = {"batch": "1" if q else "1,8", "steps": 2 if q else 100, "ddrm_steps": 2 if q else 20,
-                "repeats": 1, "forward_repeats": 2 if q else 10, "warmup": 1 if q else 2, "loop_calls": 2 if q else 10,
-                "sweep_steps": 2 if q else 20, "sweep_repeats": 1 if q else 3, "jobs": 2 if q else 1,
+                "repeats": 1, "forward_repeats": 2 if q else 7, "warmup": 1 if q else 2, "loop_calls": 2 if q else 5,
+                "sweep_steps": 2 if q else 10, "sweep_repeats": 1 if q else 3, "jobs": 2 if q else 1,
                 "threads": 1 if q else None}
     for k, v in defaults.items():
         if getattr(a, k) is None:

@@ -128,3 +128,166 @@ def separate_runs(configs: Sequence[Mapping], y: torch.Tensor, operator, prior, 
         rng = BatchRNG([int(s) for s in seeds], device=y.device)
         outs.append(REDDiff(**shared, **per).sample(y, operator, prior, rng))
     return torch.stack(outs, dim=1)
+
+
+# ------------------------------------------------------------------------------------- job-level runner (Hydra)
+def _job_name(k: int, config: Mapping) -> str:
+    return f"{k}_" + "_".join(f"{key}={val}" for key, val in config.items())
+
+
+def run_batched(cfg, root) -> list[dict]:
+    """Run the grid ``cfg.sweep_grid`` (``{key: [values]}`` over per-item keys) of the RED-diff sampler ``cfg.sampler``
+    on ``cfg.data`` with one batched sweep per batch of ``cfg.batch_size`` images (at most ``cfg.sweep_max_batch``
+    items per network call), and write one job dir per configuration under ``root`` -- ``metrics.csv``,
+    ``summary.json`` (with ``overrides`` ``sampler.<key>=<value>`` and the configuration in ``config.sampler``),
+    ``grid.png``, images -- as ``python run.py -m`` would, then ``table.md``/``table.csv`` (and the experiment's
+    plots).  Costs per image: ``nfe`` = the sampler's steps (each restoration takes part in that many network
+    calls, on the batch of all configurations), ``seconds`` = batch wall time / (images x K).  No resume: a rerun
+    needs a new directory.  Returns the K summaries.
+    """
+    import copy
+    import json
+    import math
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from . import experiment as ex
+    from .data import CorruptImageError
+    from .errors import ResolutionMismatchError, UserError
+    from .results import ResultStore, atomic_write_text, safe_name
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg.get("sweep_grid") is None:
+        raise UserError("reddiff.sweep needs sweep_grid: {lam: [...], lr: [...]} (see conf/experiment/"
+                        "demo_lambda_lr_batched.yaml)")
+    configs = grid(**OmegaConf.to_container(cfg.sweep_grid, resolve=True))
+    K = len(configs)
+    ident = ex.job_identity(cfg)
+    operator = instantiate(cfg.task.operator)
+    sampler = instantiate(cfg.sampler)
+    if not isinstance(sampler, REDDiff):
+        raise UserError(f"reddiff.sweep batches RED-diff configurations; sampler={ident['sampler']} is "
+                        f"{type(sampler).__name__}")
+    device = ex.resolve_device(cfg.device)
+    dtype = torch.float32
+    dataset = instantiate(cfg.data)
+    prior = instantiate(cfg.prior).to(device).eval()
+    if int(dataset.resolution) != int(tuple(prior.shape)[-1]):
+        raise ResolutionMismatchError(f"prior works at {tuple(prior.shape)[-1]} px but data is {dataset.resolution} px")
+    suite = instantiate(cfg.metrics)
+    names = list(suite.names)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    common = {"task": ident["task"], "sampler": ident["sampler"] or "reddiff", "prior": ident["prior"],
+              "data": ident["data"], "experiment": ident["experiment"], "versions": ex.versions(),
+              "git_commit": ex.git_commit()}
+    jobs = []
+    for k, c in enumerate(configs):
+        job_cfg = copy.deepcopy(resolved)
+        job_cfg["sampler"].update(c)
+        job_dir = root / _job_name(k, c)
+        jobs.append({"dir": job_dir, "store": ResultStore(job_dir, names, resume=False),
+                     "base": {**common, "overrides": list(ident["overrides"]) + [f"sampler.{a}={b}" for a, b in c.items()],
+                              "config": job_cfg}})
+    max_batch = cfg.get("sweep_max_batch")
+    entries = dataset.entries()
+    bs = int(cfg.batch_size)
+    skipped: list[dict] = []
+    t_job = time.time()
+    for start in range(0, len(entries), bs):
+        batch_entries, imgs = [], []
+        for e in entries[start:start + bs]:
+            try:
+                imgs.append(dataset.load(e))
+                batch_entries.append(e)
+            except CorruptImageError as err:
+                skipped.append({"image_id": e.image_id, "reason": str(err)})
+        if not batch_entries:
+            continue
+        x = torch.stack(imgs).to(device=device, dtype=dtype)
+        indices = [e.index for e in batch_entries]
+        n = len(indices)
+        operator.setup(indices, tuple(x.shape), device, dtype)
+        y = operator.measure(x, BatchRNG.for_images(cfg.seed + ex.MEASUREMENT_SEED_OFFSET, indices, device))
+        prior.reset_nfe()
+        t0 = time.time()
+        xs = batched_sweep(configs, y, operator, prior, [int(cfg.seed) + i for i in indices], indices=indices,
+                           base=sampler, max_batch=max_batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sec = (time.time() - t0) / (n * K)
+        chunks = 1 if max_batch is None else math.ceil(n * K / max(1, int(max_batch)))
+        nfe = prior.nfe // chunks if prior.nfe % chunks == 0 else prior.nfe / chunks
+        vis = operator.visualize(y)
+        for k, job in enumerate(jobs):
+            x_hat = xs[:, k]
+            bad = ~torch.isfinite(x_hat).reshape(n, -1).all(dim=1)
+            x_eval = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(x_hat), x_hat).clamp(-1, 1)
+            with torch.no_grad():
+                vals = {a: v.detach().cpu() for a, v in suite.per_image(x_eval, x).items()}
+                feats = suite.features(x_eval, x)
+            for j, e in enumerate(batch_entries):
+                row = {"image_id": e.image_id, "nfe": nfe, "seconds": sec, "diverged": bool(bad[j])}
+                for name in names:
+                    row[name] = None if bool(bad[j]) or name not in vals else float(vals[name][j])
+                if cfg.get("save_images", True):
+                    ex.save_png(job["dir"] / "images" / f"{safe_name(e.image_id)}.png", x_eval[j])
+                    if vis is not None and tuple(vis.shape[1:]) == tuple(x.shape[1:]):
+                        ex.save_png(job["dir"] / "images" / f"{safe_name(e.image_id)}_y.png", vis[j])
+                fj = {a: np.asarray(v[j]) for a, v in feats.items()}
+                if e.label is not None:
+                    fj["label"] = np.asarray(e.label)
+                job["store"].append(row, fj)
+        print(f"[reddiff.sweep] {start + n}/{len(entries)} images x {K} configurations, "
+              f"{sec * n * K:.1f} s for this batch")
+    wall = time.time() - t_job
+    summaries = []
+    for c, job in zip(configs, jobs):
+        s = ex.summarize(job["store"], suite, names, dataset, job["base"], skipped, wall)
+        s["batched_sweep"] = {"K": K, "configs": configs, "this": c, "max_batch": max_batch,
+                              "note": "peak_rss_mb and wall_seconds_this_run are those of the whole batched sweep"}
+        ex.write_job_grid(job["dir"], job["store"], dataset, s, int(cfg.get("grid_images", 6)))
+        atomic_write_text(job["dir"] / "summary.json", json.dumps(s, indent=2, default=str))
+        print("[reddiff.sweep] " + _job_name(0, c)[2:] + ": " + ex.one_line(s))
+        summaries.append(s)
+    from .tables import write_tables
+
+    md = write_tables(root, "python -m reddiff.sweep " + " ".join(ident["overrides"]))
+    print(f"\n[reddiff.sweep] table ({root}/table.md):\n{md}")
+    if cfg.get("experiment_name"):
+        try:
+            from .plots import make_plots
+
+            for p in make_plots(root):
+                print(f"[reddiff.sweep] plot: {p}")
+        except Exception as e:  # noqa: BLE001 - plotting never fails the sweep
+            print(f"[reddiff.sweep] plots not written: {e}; run: python -m reddiff.plots {root}")
+    return summaries
+
+
+def main() -> None:
+    import sys
+    from pathlib import Path
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .errors import UserError
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def _main(cfg) -> None:
+        try:
+            run_batched(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

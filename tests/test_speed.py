@@ -240,3 +240,43 @@ def test_compile_graph_capture_matches_eager(embedded):
         (g,) = torch.autograd.grad(p.eps(xg, 500).sum(), xg)
         grads.append(g)
     assert (grads[0] - grads[1]).abs().max() <= 1e-4 * max(1.0, grads[0].abs().max().item())
+
+
+@pytest.mark.slow
+def test_sweep_cli_equals_run_py_jobs(tmp_path, root):
+    """`python -m reddiff.sweep +experiment=demo_lambda_lr_batched` writes one job dir per configuration whose
+    metrics.csv equals, value for value, that of `python run.py` with the same configuration.  Network calls are
+    made at batch 1 on both sides (sweep_max_batch=1, batch_size=1) and the weights are copied first (a training run
+    may re-export the embedded prior meanwhile), so the two are bit-identical computations."""
+    import os
+    import shutil
+
+    from reddiff.results import read_rows
+    from reddiff.weights import REGISTRY
+
+    w = tmp_path / "prior.safetensors"
+    shutil.copy(REGISTRY["embedded64"].find(), w)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    common = ["data.count=2", "sampler.steps=3", "metrics.names=[psnr]", "progress=false", f"prior.weights={w}",
+              "prior.arch=embedded64", "batch_size=1"]
+    sweep_dir = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "reddiff.sweep", "+experiment=demo_lambda_lr_batched", *common,
+                        "sweep_grid.lam=[0.25,1.0]", "sweep_grid.lr=[0.5]", "sweep_max_batch=1",
+                        f"hydra.run.dir={sweep_dir}"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if (p / "summary.json").exists())
+    assert [p.name for p in jobs] == ["0_lam=0.25_lr=0.5", "1_lam=1.0_lr=0.5"]
+    s1 = json.loads((jobs[1] / "summary.json").read_text())
+    assert s1["config"]["sampler"]["lam"] == 1.0 and "sampler.lam=1.0" in s1["overrides"]
+    assert s1["cost"]["nfe_per_image"] == 3 and s1["n_images"] == 2
+    assert (sweep_dir / "table.md").exists() and "sampler.lam=1.0" in (sweep_dir / "table.md").read_text()
+    single = tmp_path / "single"
+    r = subprocess.run([sys.executable, "run.py", "+experiment=demo_lambda_lr", *common, "sampler.lam=1.0",
+                        "sampler.lr=0.5", "logger=none", f"hydra.run.dir={single}"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    batched = {row["image_id"]: row["psnr"] for row in read_rows(jobs[1] / "metrics.csv")}
+    alone = {row["image_id"]: row["psnr"] for row in read_rows(single / "metrics.csv")}
+    assert batched == alone and len(alone) == 2
+    other = {row["image_id"]: row["psnr"] for row in read_rows(jobs[0] / "metrics.csv")}
+    assert other != alone                                    # the two configurations differ
