@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast bench tables results clean-venv
 
+DEMO_PRESETS := demo_table1 demo_sr4 demo_weighting demo_order demo_steps
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -30,6 +32,9 @@ bench: setup  ## regenerate results/speed.md and results/gmm_posterior.md
 
 tables: setup  ## rebuild table.md/table.csv of every committed sweep under results/
 	for d in results/*/; do [ -n "$$(find $$d -name summary.json -print -quit)" ] && $(PY) -m reddiff.tables $$d > /dev/null; done; true
+
+results: setup  ## rerun every committed demo sweep on the embedded prior into results/<preset>/ (CPU, ~30 min)
+	for p in $(DEMO_PRESETS); do rm -rf results/$$p; WANDB_SILENT=true $(PY) run.py -m +experiment=$$p progress=false hydra.sweep.dir=results/$$p || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -183,7 +183,9 @@ def write_tables(root: Path, command: str | None = None) -> str:
     header, rows, notes = build_rows(summaries)
     md = render(header, rows, notes, "md")
     if command:
-        md = f"Command: `{command}`\n\n" + md
+        import datetime
+
+        md = f"Command: `{command}` ({datetime.date.today().isoformat()})\n\n" + md
     atomic_write_text(root / "table.md", md)
     atomic_write_text(root / "table.csv", render(header, rows, notes, "csv"))
     return md
