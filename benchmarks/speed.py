@@ -44,6 +44,12 @@ the bare no_grad loop's; batched sweep <= 0.4 x separate runs.
 
 ``--md FILE`` writes a Markdown report (command, date, machine, tables); with ``--json FILE`` and no ``--md`` it is
 written next to the JSON (``FILE`` with suffix ``.md``), so ``make bench`` regenerates results/speed.md.
+Run time of the default settings: about 13 minutes with ``--threads 1`` on the shared 2-core development machine
+(CPU pressure ~50%); expected well under 10 minutes on a quiet 2-core machine with torch's default 2 threads.  On a
+machine shared with other jobs use ``--threads 1``: two OpenMP threads competing with another busy process can slow
+every call down by an order of magnitude.  Timings taken under load are noisy (+-10% between processes); the
+in-run ratio ``wall_over_network_time`` and ``step_median_over_forward`` tell sampler overhead from load.
+
 ``--quick`` is a smoke test (batch 1, 2 steps, one thread per worker, two workers at a time): its numbers are not
 for reporting.
 """
@@ -479,7 +485,7 @@ def build_specs(a) -> list[dict]:
               "repeats": a.repeats, "forward_repeats": a.forward_repeats, "warmup": a.warmup, "loop_calls": a.loop_calls,
               "sweep_steps": a.sweep_steps, "sweep_repeats": a.sweep_repeats}
     specs = []
-    for b in a.batch:
+    for b in (a.batch if a.samplers else []):
         for s in a.samplers:
             specs.append({**common, "mode": "sampler", "sampler": s, "batch": b})
         kinds = sorted({SAMPLERS[s][2] for s in a.samplers} | {"no_grad"})
@@ -526,7 +532,7 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
             if r.get("wall_over_forward") is not None:
                 checks.append({"check": f"{s} wall_over_forward (batch {b})", "value": r["wall_over_forward"],
                                "target": TARGETS[s], "pass": r["wall_over_forward"] <= TARGETS[s]})
-    if "reddiff" in a.samplers:
+    if "reddiff" in a.samplers and "by_batch" in out["reddiff"]:
         for b, r in out["reddiff"]["by_batch"].items():
             if r.get("rss_over_bare_loop") is not None:
                 checks.append({"check": f"reddiff peak RSS / bare no_grad loop (batch {b})",
@@ -610,8 +616,10 @@ def markdown(res: dict) -> str:
                   f"calls) {sw['batched_s']:.2f} s vs {K} separate runs ({sw['nfe_separate']} calls) "
                   f"{sw['separate_s']:.2f} s: **ratio {sw['ratio']:.3f}** (target <= {sw['target']}).  ",
                   f"One forward at batch {K} costs {sw['forward_cost_ratio']:.3f} x {K} forwards at batch 1 "
-                  f"({sw[f'forward_ms_batch{K}']:.1f} ms vs {sw['forward_ms_batch1']:.1f} ms): the floor of the "
-                  "ratio, since the sweep saves network calls, not arithmetic.  ",
+                  f"({sw[f'forward_ms_batch{K}']:.1f} ms vs {sw['forward_ms_batch1']:.1f} ms).  The sweep saves network "
+                  "calls, not arithmetic: the ratio is close to this network cost ratio (a little below it, as the "
+                  "separate runs also pay the per-step sampler work K times).  Where a batch of K costs about as "
+                  "much as a batch of 1 (a GPU at small batch) it approaches 1/K.  ",
                   f"Batched vs separate results: max |diff| {sw['max_abs_diff']:.2e}, RMS {sw['rms_diff']:.2e} "
                   f"(RMS between two configurations: {sw['rms_between_configs']:.3f}); exact with a batch-invariant "
                   "network (tests/test_speed.py), float32 rounding of batch-size-dependent convolution kernels "
@@ -636,7 +644,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--steps", type=int, default=None, help="steps of every sampler but DDRM (default 100)")
     p.add_argument("--ddrm-steps", type=int, default=None, help="DDRM steps (default 20)")
-    p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated subset, or none (sweep only)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (fp32: off)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (slow to compile on CPU)")
@@ -663,7 +671,7 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.batch = [int(b) for b in str(a.batch).split(",") if b.strip()]
-    a.samplers = [s.strip() for s in a.samplers.split(",") if s.strip()]
+    a.samplers = [s.strip() for s in a.samplers.split(",") if s.strip() and s.strip() != "none"]
     unknown = [s for s in a.samplers if s not in SAMPLERS]
     if unknown:
         p.error(f"unknown samplers {unknown}; known: {', '.join(SAMPLERS)}")

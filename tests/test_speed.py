@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,10 +21,11 @@ from reddiff.sweep import batched_sweep, grid, separate_runs
 
 CONTRACT_KEYS = ("wall_over_forward", "peak_rss_mb", "images_per_second")
 
+torch.set_num_threads(1)  # small tensors: one thread is fastest, and two stall badly on a busy 2-core machine
+
 
 @pytest.fixture(scope="module")
 def embedded():
-    torch.set_num_threads(1)
     return load_prior({"prior": "embedded", "device": "cpu"})
 
 
@@ -254,8 +256,18 @@ def test_sweep_cli_equals_run_py_jobs(tmp_path, root):
     from reddiff.results import read_rows
     from reddiff.weights import REGISTRY
 
+    from safetensors.torch import load_file
+
     w = tmp_path / "prior.safetensors"
-    shutil.copy(REGISTRY["embedded64"].find(), w)
+    for attempt in range(5):  # the training run may be re-exporting the file right now: copy a readable version
+        shutil.copy(REGISTRY["embedded64"].find(), w)
+        try:
+            load_file(w)
+            break
+        except Exception:  # noqa: BLE001
+            if attempt == 4:
+                raise
+            time.sleep(2.0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     common = ["data.count=2", "sampler.steps=3", "metrics.names=[psnr]", "progress=false", f"prior.weights={w}",
               "prior.arch=embedded64", "batch_size=1"]
