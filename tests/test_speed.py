@@ -292,3 +292,19 @@ def test_sweep_cli_equals_run_py_jobs(tmp_path, root):
     assert batched == alone and len(alone) == 2
     other = {row["image_id"]: row["psnr"] for row in read_rows(jobs[0] / "metrics.csv")}
     assert other != alone                                    # the two configurations differ
+
+
+def test_batched_preset_is_the_demo_lambda_lr_grid(root):
+    """conf/experiment/demo_lambda_lr_batched.yaml runs the grid of demo_lambda_lr (same lam x lr values, task, prior,
+    data, sampler settings), so its tables are comparable with the unbatched multirun's."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        batched = compose("config", overrides=["+experiment=demo_lambda_lr_batched"])
+        plain = compose("config", overrides=["+experiment=demo_lambda_lr"], return_hydra_config=True)
+    params = plain.hydra.sweeper.params
+    for key in ("lam", "lr"):
+        assert [float(v) for v in params[f"sampler.{key}"].split(",")] == list(batched.sweep_grid[key])
+    for key in ("task", "prior", "data", "sampler", "metrics", "seed"):
+        assert batched[key] == plain[key], key
+    assert batched.sweep_max_batch >= 1
