@@ -190,7 +190,7 @@ ADM_IMAGENET256_UNCOND_SHA256 = "a37c32fffd316cd494cf3f35b339936debdc1576dad13fe
 # 256x256_diffusion.pt, 256x256_classifier.pt, ffhq_10m.pt: no public sha256 found -> unpinned.
 # embedded64: pinned by the lead once training has finished, with `python -m reddiff.weights pin embedded64`
 # (rewrites the next line with the file's digest; see pin_embedded()).
-EMBEDDED64_SHA256: Optional[str] = None
+EMBEDDED64_SHA256: Optional[str] = "fa4db465884908bd15a5a9b765eb496502048076cec0aba36857e7bc3be0dac4"
 
 register(WeightSpec("embedded64", "embedded64.safetensors", "embedded 64x64 ADM-style prior (trained by this project)",
                     cache="package", package_path="assets/embedded64.safetensors", sha256=EMBEDDED64_SHA256,
