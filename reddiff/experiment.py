@@ -353,7 +353,8 @@ def compute_metrics(rows: list[dict], suite, feats: dict) -> dict:
         elif agg[name]["n"]:
             metrics[name] = {k: agg[name][k] for k in ("mean", "ci95")}
         else:
-            metrics[name] = {"missing": "no value computed (all images diverged or skipped)"}
+            n_div = sum(r.get("diverged") == "true" for r in rows)
+            metrics[name] = {"missing": f"no finite value: {n_div} of {len(rows)} images diverged", "diverged": True}
     return metrics
 
 
@@ -378,6 +379,8 @@ def write_job_grid(job_dir: Path, store: ResultStore, dataset, summary: dict, n:
 
 
 def fmt_metric(m: dict, digits: int = 3) -> str:
+    if m.get("diverged"):
+        return "diverged"
     if "missing" in m:
         return "missing"
     if m.get("mean") is None:

@@ -142,11 +142,14 @@ def build_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]], list[
     missing = {}
     for s in summaries:
         for m, v in s.get("metrics", {}).items():
-            if "missing" in v:
+            if "missing" in v and not v.get("diverged"):
                 missing[m] = v["missing"]
     for m, reason in missing.items():
         notes.append(f"{m}: missing — {reason}")
     for s in summaries:
+        if s.get("diverged"):
+            notes.append(f"{s.get('sampler')} on {s.get('task')}: {s['diverged']} of {s.get('n_images')} images diverged "
+                         "(non-finite iterate; step in summary.json)")
         if s.get("status") in ("n/a", "error"):
             notes.append(f"{s['status']} ({s.get('sampler')} on {s.get('task')}): {s.get('reason')}")
     if sources:
