@@ -53,15 +53,15 @@ TUNE_SEED = 1_000_003
 
 #: Hyperparameters, fixed for every cell (chosen once per sampler with ``--tune``; see results/gmm_posterior.md).
 HPARAMS: dict[str, dict] = {
-    "reddiff": {"lr": 0.5, "lam": 1.0, "sigma_x0": 1.0, "weighting": "linear", "sigma_aware": True},
+    "reddiff": {"lr": 4.0, "lam": 0.25, "sigma_x0": 0.0, "weighting": "linear", "sigma_aware": True},
     "dps": {"zeta": 0.3, "eta": 1.0},
-    "pigdm": {"guidance_weight": 1.0, "eta": 1.0, "form": "score"},
-    "ddrm": {"eta": 0.85, "eta_b": 1.0},
+    "pigdm": {"guidance_weight": 0.25, "eta": 1.0, "form": "score"},
+    "ddrm": {"eta": 1.0, "eta_b": 1.0},
 }
 
 #: The grids ``--tune`` searches (one sampler at a time, the other hyperparameters at their HPARAMS value).
 TUNE_GRID: dict[str, dict[str, list]] = {
-    "reddiff": {"lr": [0.5, 1.0, 2.0, 4.0], "lam": [0.25, 1.0, 4.0], "sigma_x0": [0.0, 1.0]},
+    "reddiff": {"lr": [1.0, 2.0, 4.0, 8.0], "lam": [0.25, 1.0, 4.0], "sigma_x0": [0.0, 1.0]},
     "dps": {"zeta": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]},
     "pigdm": {"guidance_weight": [0.1, 0.25, 0.5, 1.0], "eta": [0.5, 1.0]},
     "ddrm": {"eta": [0.5, 0.85, 1.0], "eta_b": [0.5, 1.0]},
@@ -240,13 +240,15 @@ def nearest_mode(prior: GaussianMixturePrior, X: torch.Tensor) -> tuple[torch.Te
 
 
 def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int, samplers: Sequence[str],
-                n_dirs: int = 1000, keep: bool = False, threads: int = 1) -> dict:
+                n_dirs: int = 1000, keep: bool = False, threads: int = 1, overrides: dict | None = None) -> dict:
     """Every method on problem ``p`` of cell ``(d, d_y)``; deterministic in ``(seed, d, d_y, p)`` alone.
 
     Per method: ``sw``/``sw2`` against ``samples`` exact-posterior samples (1000 directions shared by the methods),
     ``seconds`` (wall time of the sampler call), and two diagnostics on the nearest prior mode of each sample:
     ``mode_tv`` (total variation between the sampler's and the exact samples' mode histograms) and
-    ``spread`` (mean squared distance to the nearest mode divided by the same for the exact samples).
+    ``spread`` (mean squared distance to the nearest mode divided by the same for the exact samples);
+    ``mode_tv_to_prior`` compares the mode histogram with the prior weights instead (small: the data were ignored
+    when choosing modes).  ``overrides[name]`` replaces some of :data:`HPARAMS` for sampler ``name`` (ablations).
     """
     torch.set_num_threads(threads)
     schedule = Schedule()
@@ -263,12 +265,14 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     kept: dict = {}
 
     def score(name, X, seconds):
-        r = {"seconds": seconds, "sw": math.inf, "sw2": math.inf, "mode_tv": None, "spread": None}
+        r = {"seconds": seconds, "sw": math.inf, "sw2": math.inf, "mode_tv": None, "mode_tv_to_prior": None,
+             "spread": None}
         if torch.isfinite(X).all():
             r["sw"], r["sw2"] = sliced_wasserstein_sorted(_sorted_projections(X, theta), ref_sorted)
             mode, d2 = nearest_mode(prior, X)
             hist = torch.bincount(mode, minlength=prior.K).double() / X.shape[0]
             r["mode_tv"] = float(0.5 * (hist - ref_hist).abs().sum())
+            r["mode_tv_to_prior"] = float(0.5 * (hist - prior.weights).abs().sum())
             r["spread"] = float(d2.mean() / ref_d2.mean())
         out["methods"][name] = r
         if keep:
@@ -282,7 +286,7 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     score("prior", X, time.perf_counter() - t0)
     y = pb.y.to(torch.float32)[None, :].expand(samples, d_y).contiguous()
     for name in samplers:
-        sampler = build_sampler(name, steps)
+        sampler = build_sampler(name, steps, **(overrides or {}).get(name, {}))
         rng = BatchRNG(_seed(seed, d, d_y, p, 10 + SAMPLERS.index(name)), per_item=False)
         t0 = time.perf_counter()
         X = sampler.sample(y, op, prior, rng)
@@ -302,10 +306,12 @@ def aggregate(per_problem: list[dict]) -> dict:
         rs = [pp["methods"][n] for pp in per_problem]
         s1, s2 = _summary([r["sw"] for r in rs]), _summary([r["sw2"] for r in rs])
         tv = [r["mode_tv"] for r in rs if r["mode_tv"] is not None]
+        tvp = [r["mode_tv_to_prior"] for r in rs if r["mode_tv_to_prior"] is not None]
         sp = [r["spread"] for r in rs if r["spread"] is not None]
         cell[n] = {"sw_mean": s1["mean"], "sw_ci95": s1["ci95"], "seconds": float(np.mean([r["seconds"] for r in rs])),
                    "sw2_mean": s2["mean"], "sw2_ci95": s2["ci95"], "n_nonfinite": s1["n_nonfinite"],
                    "mode_tv_mean": float(np.mean(tv)) if tv else None,
+                   "mode_tv_to_prior_mean": float(np.mean(tvp)) if tvp else None,
                    "spread_median": float(np.median(sp)) if sp else None,
                    "sw_per_problem": [round(r["sw"], 6) if math.isfinite(r["sw"]) else None for r in rs]}
     return cell
@@ -313,14 +319,14 @@ def aggregate(per_problem: list[dict]) -> dict:
 
 def run_all(dims: Sequence[int], dims_y: Sequence[int], *, problems: int, samples: int, steps: int, seed: int,
             samplers: Sequence[str], workers: int = 1, plot_cell: Sequence[int] | None = None,
-            log: Callable = print) -> tuple[dict, dict, dict]:
+            overrides: dict | None = None, log: Callable = print) -> tuple[dict, dict, dict]:
     """All cells; returns (results[str(d)][str(d_y)], per-problem records, kept samples of the plotted problem).
 
     With ``workers > 1`` the problems run in separate processes (one torch thread each); every problem is seeded
     by ``(seed, d, d_y, p)``, so the numbers do not depend on ``workers``.
     """
     tasks = [(d, dy, p) for d in dims for dy in dims_y for p in range(problems)]
-    kw = dict(samples=samples, steps=steps, seed=seed, samplers=list(samplers))
+    kw = dict(samples=samples, steps=steps, seed=seed, samplers=list(samplers), overrides=overrides or {})
     keep_of = lambda d, dy, p: plot_cell is not None and [d, dy] == list(plot_cell) and p == 0
     done: dict = {}
     t_start = time.perf_counter()
@@ -386,14 +392,16 @@ def markdown_table(res: dict) -> str:
         for dy, cell in by_dy.items():
             secs.append(f"| {d} | {dy} | " + " | ".join(
                 f"{cell[n]['seconds']:.2f}" if n in cell else "–" for n in names) + " |")
-    diag = ["", "Diagnostics (nearest prior mode of each sample): mean total variation between the mode histograms of "
-            "the method and of the exact samples / median over problems of the within-mode spread (mean squared "
-            "distance to the nearest mode, relative to the exact samples; 1 = right width, < 1 collapsed):", "",
+    diag = ["", "Diagnostics, from the nearest prior mode of each sample: **TV** = total variation between the mode "
+            "histograms of the method and of the exact samples (mean over problems); **TVp** = the same against the "
+            "prior weights (near 0: modes chosen as if there were no data); **spread** = mean squared distance to "
+            "the nearest mode relative to the exact samples (median over problems; 1 = right width, < 1 collapsed). "
+            "Cells read TV / TVp / spread.", "",
             "| d | d_y | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for d, by_dy in res["results"].items():
         for dy, cell in by_dy.items():
             diag.append(f"| {d} | {dy} | " + " | ".join(
-                f"{cell[n]['mode_tv_mean']:.2f} / {cell[n]['spread_median']:.2f}"
+                f"{cell[n]['mode_tv_mean']:.2f} / {cell[n]['mode_tv_to_prior_mean']:.2f} / {cell[n]['spread_median']:.2f}"
                 if n in cell and cell[n].get("mode_tv_mean") is not None else "–" for n in names) + " |")
     return head + "\n".join(rows) + "\n" + "\n".join(secs) + "\n" + "\n".join(diag) + "\n"
 
@@ -432,8 +440,13 @@ def plot_2d(kept: dict, path: str, title: str) -> None:
 
     names = [n for n in (*SAMPLERS, "exact", "prior") if n in kept]
     ref = kept["reference"].numpy()
-    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.9), sharex=True, sharey=True)
-    axes = np.atleast_1d(axes)
+    ncol = min(3, len(names))
+    nrow = -(-len(names) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 3.1 * nrow + 0.4), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    axes = list(axes.flat)
     lim = 26
     for ax, n in zip(axes, names):
         X = kept[n].numpy()
@@ -446,13 +459,51 @@ def plot_2d(kept: dict, path: str, title: str) -> None:
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.tick_params(labelsize=7)
-    axes[0].set_ylabel("$x_2$", fontsize=8)
-    for ax in axes:
+    for ax in axes[: len(names)]:
         ax.set_xlabel("$x_1$", fontsize=8)
+        ax.set_ylabel("$x_2$", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ Pi-GDM diagnostic
+def pigdm_covariance_table(dims: Sequence[int], dims_y: Sequence[int], problems: int, seed: int,
+                           ts: Sequence[int] = (900, 800, 700, 600, 500, 300, 100), n: int = 200) -> str:
+    """How far Pi-GDM's ``r_t^2 = 1 - a_t`` is from the exact ``Cov[x0 | x_t]`` seen through A.
+
+    For ``x_t`` from ``p(x_t | y)`` (the forward process applied to exact posterior samples), the exact covariance
+    is Tweedie's ``Cov[x0 | x_t] = (1 - a)/sqrt(a) dE[x0|x_t]/dx_t`` (autograd through the exact denoiser).  The
+    table gives the median over samples and problems of the largest eigenvalue of
+    ``(A Cov A^T + s^2 I)`` divided by that of ``(r_t^2 A A^T + s^2 I)``: 1 where Pi-GDM's likelihood is exact,
+    ``>> 1`` where its guidance (which divides by the latter) overshoots.
+    """
+    schedule = Schedule()
+    lines = ["| d | d_y | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|---|" + "---|" * len(ts)]
+    for d in dims:
+        for dy in dims_y:
+            ratios = {t: [] for t in ts}
+            for p in range(problems):
+                prior, pb, post = make_problem(d, dy, seed, p, schedule)
+                g = _gen(seed, d, dy, p, 4)
+                x0 = post.sample(n, g)
+                A, s2 = pb.A, pb.sigma_y ** 2
+                base = torch.linalg.eigvalsh(A @ A.T)
+                for t in ts:
+                    a = float(schedule.alpha_bar_at(t))
+                    xt = (math.sqrt(a) * x0 + math.sqrt(1 - a) * torch.randn(x0.shape, generator=g, dtype=torch.float64))
+                    xt.requires_grad_(True)
+                    x0h = prior.x0(xt, t)
+                    AJAt = torch.zeros(n, dy, dy, dtype=torch.float64)
+                    for j in range(dy):
+                        (gj,) = torch.autograd.grad((x0h @ A[j]).sum(), xt, retain_graph=True)
+                        AJAt[:, j, :] = gj @ A.T
+                    ACA = (1 - a) / math.sqrt(a) * 0.5 * (AJAt + AJAt.transpose(1, 2))
+                    true = torch.linalg.eigvalsh(ACA + s2 * torch.eye(dy, dtype=torch.float64))[:, -1]
+                    ratios[t].append(true / float((1 - a) * base[-1] + s2))
+            lines.append(f"| {d} | {dy} | " + " | ".join(f"{float(torch.cat(ratios[t]).median()):.3g}" for t in ts) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ tuning
@@ -528,23 +579,19 @@ def tune(names: Sequence[str], *, dims: Sequence[int], dims_y: Sequence[int], pr
     return out
 
 
-def tuning_markdown(tuned: dict, meta: dict) -> str:
-    lines = [f"Tuning run: `{meta['command']}` ({meta['date']}, {meta['wall_seconds']:.0f} s). Score = mean over the "
-             f"cells d ∈ {meta['dims']}, d_y ∈ {meta['dims_y']} of mean SW / mean SW(prior), {meta['problems']} "
-             f"problems per cell, {meta['samples']} sampler samples against {meta['ref_samples']} exact ones, tuning "
-             f"seed {meta['seed']} (the reported run uses different problems).", ""]
-    for name, t in tuned.items():
-        keys = list(t["configs"][0])
-        lines += [f"**{name}** (chosen: {', '.join(f'{k}={v}' for k, v in t['best'].items())})", "",
-                  "| " + " | ".join(keys) + " | score | worst cell |", "|" + "---|" * (len(keys) + 2)]
-        order = np.argsort(t["score"])
-        for i in order:
-            c = t["configs"][i]
-            s = t["score"][i]
-            worst = max(t["ratios"][i])
-            lines.append("| " + " | ".join(str(c[k]) for k in keys) + f" | {s:.3f} | {worst:.3f} |")
-        lines.append("")
-    return "\n".join(lines)
+def tuning_markdown(name: str, t: dict, meta: dict) -> str:
+    """The tuning table of one sampler (every configuration, best first)."""
+    keys = list(t["configs"][0])
+    lines = [f"**{name}**: chosen {', '.join(f'{k}={v}' for k, v in t['best'].items())}. Tuning run: "
+             f"`{meta['command']}` ({meta['date']}); cells d ∈ {meta['dims']}, d_y ∈ {meta['dims_y']}, "
+             f"{meta['problems']} problems per cell, {meta['samples']} sampler samples against {meta['ref_samples']} "
+             f"exact ones, tuning seed {meta['seed']}. Score = mean over cells of mean SW / mean SW(prior); "
+             "worst cell = the largest of those ratios.", "",
+             "| " + " | ".join(keys) + " | score | worst cell |", "|" + "---|" * (len(keys) + 2)]
+    for i in np.argsort(t["score"]):
+        c = t["configs"][i]
+        lines.append("| " + " | ".join(str(c[k]) for k in keys) + f" | {t['score'][i]:.3f} | {max(t['ratios'][i]):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -575,6 +622,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated subset of " + ",".join(SAMPLERS))
     ap.add_argument("--quick", action="store_true", help="smoke test: d 8,80; d_y 1,2; 3 problems; 500 samples; 50 steps")
     ap.add_argument("--md", default=None, help="update the generated table block of this markdown file")
+    ap.add_argument("--md-tag", default="table", help="name of that block (<!-- TAG:start --> ... <!-- TAG:end -->)")
+    ap.add_argument("--set", action="append", default=[], metavar="SAMPLER.KEY=VALUE",
+                    help="override a hyperparameter of HPARAMS (ablations; repeatable), e.g. --set dps.zeta=3")
+    ap.add_argument("--pigdm-cov", action="store_true",
+                    help="print the Pi-GDM covariance diagnostic (exact A Cov[x0|x_t] A^T vs r_t^2 A A^T) instead")
     ap.add_argument("--plot", default=None, help="write a 2-D projection plot (problem 0 of --plot-cell)")
     ap.add_argument("--plot-cell", type=_ints, default=[80, 1], help="d,d_y of the plotted problem")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -597,9 +649,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"d_y must be in [1, min(dims)], got {dy}")
     if args.problems < 2 or args.samples < 2:
         ap.error("need at least 2 problems and 2 samples")
+    overrides: dict = {}
+    for item in args.set:
+        m = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item)
+        if not m or m.group(1) not in SAMPLERS:
+            ap.error(f"--set needs SAMPLER.KEY=VALUE with SAMPLER in {SAMPLERS}, got {item!r}")
+        try:
+            value = json.loads(m.group(3))
+        except json.JSONDecodeError:
+            value = m.group(3)
+        overrides.setdefault(m.group(1), {})[m.group(2)] = value
+    for name, kw in overrides.items():  # fail early on a bad key or value
+        try:
+            build_sampler(name, args.steps, **kw)
+        except (TypeError, ValueError) as e:
+            ap.error(f"--set {name}: {e}")
     command = "python -m benchmarks.gmm_posterior " + " ".join(sys.argv[1:] if argv is None else argv)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_all = time.perf_counter()
+
+    if args.pigdm_cov:
+        text = pigdm_covariance_table(args.dims, args.dims_y, args.problems, args.seed)
+        text = f"Command: `{command}` ({date})\n\n" + text
+        print(text)
+        if args.md:
+            replace_block(args.md, args.md_tag, text)
+        return 0
 
     if args.tune:
         tuned = tune(samplers, dims=args.dims, dims_y=args.dims_y, problems=args.problems, samples=args.samples,
@@ -607,25 +682,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = {"command": command, "date": date, "wall_seconds": time.perf_counter() - t_all, "dims": args.dims,
                 "dims_y": args.dims_y, "problems": args.problems, "samples": args.samples, "ref_samples": 2000,
                 "seed": TUNE_SEED + args.seed}
-        text = tuning_markdown(tuned, meta)
-        print(text)
+        for name, t in tuned.items():
+            text = tuning_markdown(name, t, meta)
+            print(text)
+            if args.md:
+                replace_block(args.md, f"tuning-{name}", text)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(_jsonable({"meta": meta, "tuning": tuned}), f, indent=1)
-        if args.md:
-            replace_block(args.md, "tuning", text)
         return 0
 
     results, per_problem, kept = run_all(args.dims, args.dims_y, problems=args.problems, samples=args.samples,
                                          steps=args.steps, seed=args.seed, samplers=samplers, workers=args.workers,
-                                         plot_cell=args.plot_cell if args.plot else None)
+                                         plot_cell=args.plot_cell if args.plot else None, overrides=overrides)
     wall = time.perf_counter() - t_all
     res = {
         "meta": {"command": command, "date": date, "wall_seconds": wall, "dims": args.dims, "dims_y": args.dims_y,
                  "problems": args.problems, "samples": args.samples, "steps": args.steps, "seed": args.seed,
                  "directions": 1000, "sw": "SW_1 = mean over directions of W_1 (sw2_*: sqrt(mean W_2^2))",
                  "schedule": "DDPM linear beta 1e-4..0.02, T=1000", "dtype": "float32 samplers, float64 exact",
-                 "hparams": {s: HPARAMS[s] for s in samplers}, "threads": torch.get_num_threads(),
+                 "hparams": {s: {**HPARAMS[s], **overrides.get(s, {})} for s in samplers},
+                 "threads": torch.get_num_threads(),
                  "workers": args.workers, "cpu_seconds_main": time.process_time(),
                  "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
@@ -640,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(_jsonable(res), f, indent=1)
     if args.md:
-        replace_block(args.md, "table", f"Command: `{command}`  \nDate: {date}; wall time {wall:.0f} s "
+        replace_block(args.md, args.md_tag, f"Command: `{command}`  \nDate: {date}; wall time {wall:.0f} s "
                       f"({torch.get_num_threads()} torch thread(s)).\n\n" + table)
     if args.plot and kept:
         plot_2d(kept, args.plot, f"d={args.plot_cell[0]}, d_y={args.plot_cell[1]}, problem 0: samples (red) vs "
