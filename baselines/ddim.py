@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reddiff.diffusion import timesteps
+from reddiff.diffusion import ddim_coefficients, timesteps
 from reddiff.samplers.base import Sampler
 
 
@@ -47,11 +47,7 @@ class DDIM(Sampler):
         shape = (y.shape[0],) + tuple(prior.shape)
         x = rng.randn(shape, dtype=y.dtype).to(y.device)
         last = len(ts) - 1
-        for i, t in enumerate(ts):
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-            a_t, a_s = float(sch.alpha_bar_at(t)), float(sch.alpha_bar_at(s))
-            c1 = self.eta * math.sqrt((1 - a_t / a_s) * (1 - a_s) / (1 - a_t))
-            c2 = math.sqrt(max(1 - a_s - c1 ** 2, 0.0))
+        for i, (t, (a_t, a_s, c1, c2)) in enumerate(zip(ts, ddim_coefficients(sch, ts, self.eta))):
             eps = prior.eps(x, t)
             x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
             if self.clip_x0:

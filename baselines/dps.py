@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reddiff.diffusion import timesteps
+from reddiff.diffusion import ddim_coefficients, timesteps
 from reddiff.samplers.base import Sampler, bcast
 
 
@@ -66,13 +66,8 @@ class DPS(Sampler):
         zeta = bcast(torch.as_tensor(self.zeta, dtype=torch.float64), x)
 
         # per-step constants (python floats from the float64 schedule)
-        consts = []
-        for i, t in enumerate(ts):
-            s = ts[i + 1] if i + 1 < len(ts) else -1
-            a_t, a_s = float(sch.alpha_bar_at(t)), float(sch.alpha_bar_at(s))
-            c1 = self.eta * math.sqrt((1 - a_t / a_s) * (1 - a_s) / (1 - a_t))
-            c2 = math.sqrt(max(1 - a_s - c1 ** 2, 0.0))
-            consts.append((math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_s), c1, c2))
+        consts = [(math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_s), c1, c2)
+                  for a_t, a_s, c1, c2 in ddim_coefficients(sch, ts, self.eta)]
 
         last = len(ts) - 1
         for i, t in enumerate(ts):

@@ -44,7 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reddiff.diffusion import timesteps
+from reddiff.diffusion import ddim_coefficients, timesteps
 from reddiff.operators.base import SVDOperator
 from reddiff.samplers.base import Sampler, bcast
 
@@ -119,13 +119,7 @@ class PiGDM(Sampler):
             s_m[:, : s.shape[1]] = s
             obs = s_m > 0
 
-        consts = []
-        for i, t in enumerate(ts):
-            s_ = ts[i + 1] if i + 1 < len(ts) else -1
-            a_t, a_s = float(sch.alpha_bar_at(t)), float(sch.alpha_bar_at(s_))
-            c1 = self.eta * math.sqrt((1 - a_t / a_s) * (1 - a_s) / (1 - a_t))
-            c2 = math.sqrt(max(1 - a_s - c1 ** 2, 0.0))
-            consts.append((a_t, a_s, c1, c2))
+        consts = ddim_coefficients(sch, ts, self.eta)
 
         a0 = consts[0][0]
         x = math.sqrt(a0) * x_pinv + math.sqrt(1 - a0) * rng.randn(shape, dtype=y.dtype).to(y.device)

@@ -6,6 +6,8 @@ Conventions (ADM / guided-diffusion): linear betas from 1e-4 to 0.02 over T = 10
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 ORDERINGS = ("descending", "ascending", "random")
@@ -61,3 +63,17 @@ def timesteps(num_steps: int, ordering: str = "descending", T: int = 1000, seed:
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(len(ts), generator=g).tolist()
     return [ts[i] for i in perm]
+
+
+def ddim_coefficients(schedule: "Schedule", ts: list[int], eta: float) -> list[tuple[float, float, float, float]]:
+    """Per visited step ``(a_t, a_s, c1, c2)`` of the DDIM update ``x_s = sqrt(a_s) x0 + c1 z + c2 eps``, where
+    ``s`` is the next visited timestep (``-1``, i.e. a_s = 1, after the last), ``c1 = eta sqrt((1 - a_t/a_s)
+    (1 - a_s)/(1 - a_t))`` and ``c2 = sqrt(1 - a_s - c1^2)``.  Plain floats from the float64 schedule, computed
+    once before the loop."""
+    out = []
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t, a_s = float(schedule.alpha_bar_at(t)), float(schedule.alpha_bar_at(s))
+        c1 = eta * math.sqrt((1 - a_t / a_s) * (1 - a_s) / (1 - a_t))
+        out.append((a_t, a_s, c1, math.sqrt(max(1 - a_s - c1 ** 2, 0.0))))
+    return out
