@@ -403,7 +403,35 @@ def markdown_table(res: dict) -> str:
             diag.append(f"| {d} | {dy} | " + " | ".join(
                 f"{cell[n]['mode_tv_mean']:.2f} / {cell[n]['mode_tv_to_prior_mean']:.2f} / {cell[n]['spread_median']:.2f}"
                 if n in cell and cell[n].get("mode_tv_mean") is not None else "–" for n in names) + " |")
-    return head + "\n".join(rows) + "\n" + "\n".join(secs) + "\n" + "\n".join(diag) + "\n"
+    paired = ["", "Paired comparison with the prior reference on the same problems: mean over problems of "
+              "SW(prior) − SW(method) ± 1.96·std/√n, and the number of problems where the method is closer than "
+              "the prior samples:", "",
+              "| d | d_y | " + " | ".join(n for n in names if n in SAMPLERS) + " |",
+              "|---|---|" + "---|" * len([n for n in names if n in SAMPLERS])]
+    for d, by_dy in res["results"].items():
+        for dy, cell in by_dy.items():
+            vals = []
+            for n in names:
+                if n not in SAMPLERS:
+                    continue
+                a, b = cell.get("prior", {}).get("sw_per_problem"), cell.get(n, {}).get("sw_per_problem")
+                if not a or not b or any(v is None for v in a + b):
+                    vals.append("–")
+                    continue
+                x = np.asarray(a) - np.asarray(b)
+                ci = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+                vals.append(f"{x.mean():.2f} ± {ci:.2f} ({int((x > 0).sum())}/{len(x)})")
+            paired.append(f"| {d} | {dy} | " + " | ".join(vals) + " |")
+    return (head + "\n".join(rows) + "\n" + "\n".join(paired) + "\n" + "\n".join(secs) + "\n"
+            + "\n".join(diag) + "\n")
+
+
+def table_block(res: dict) -> str:
+    """The generated markdown block of a benchmark run (its command, date, wall time and tables)."""
+    m = res["meta"]
+    cpu = f", {m['cpu_seconds']:.0f} CPU-seconds" if m.get("cpu_seconds") is not None else ""
+    return (f"Command: `{m['command']}`  \nDate: {m['date']}; wall time {m['wall_seconds']:.0f} s{cpu} "
+            f"({m.get('workers', 1)} worker process(es), {m['threads']} torch thread(s) each).\n\n" + markdown_table(res))
 
 
 def acceptance(res: dict) -> list[str]:
@@ -595,6 +623,14 @@ def tuning_markdown(name: str, t: dict, meta: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the worker processes)."""
+    import resource
+
+    return sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
 def _jsonable(obj):
     """Non-finite floats -> None (strict JSON)."""
     if isinstance(obj, dict):
@@ -625,6 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--md-tag", default="table", help="name of that block (<!-- TAG:start --> ... <!-- TAG:end -->)")
     ap.add_argument("--set", action="append", default=[], metavar="SAMPLER.KEY=VALUE",
                     help="override a hyperparameter of HPARAMS (ablations; repeatable), e.g. --set dps.zeta=3")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only rewrite the --md block (and print the tables) from an existing results JSON")
     ap.add_argument("--pigdm-cov", action="store_true",
                     help="print the Pi-GDM covariance diagnostic (exact A Cov[x0|x_t] A^T vs r_t^2 A A^T) instead")
     ap.add_argument("--plot", default=None, help="write a 2-D projection plot (problem 0 of --plot-cell)")
@@ -668,6 +706,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_all = time.perf_counter()
 
+    if args.render:
+        with open(args.render) as f:
+            res = json.load(f)
+        print(markdown_table(res))
+        if args.md:
+            replace_block(args.md, args.md_tag, table_block(res))
+        return 0
+
     if args.pigdm_cov:
         text = pigdm_covariance_table(args.dims, args.dims_y, args.problems, args.seed)
         text = f"Command: `{command}` ({date})\n\n" + text
@@ -703,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "schedule": "DDPM linear beta 1e-4..0.02, T=1000", "dtype": "float32 samplers, float64 exact",
                  "hparams": {s: {**HPARAMS[s], **overrides.get(s, {})} for s in samplers},
                  "threads": torch.get_num_threads(),
-                 "workers": args.workers, "cpu_seconds_main": time.process_time(),
+                 "workers": args.workers, "cpu_seconds": _cpu_seconds(),
                  "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
         "problems": per_problem,
@@ -717,8 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(_jsonable(res), f, indent=1)
     if args.md:
-        replace_block(args.md, args.md_tag, f"Command: `{command}`  \nDate: {date}; wall time {wall:.0f} s "
-                      f"({torch.get_num_threads()} torch thread(s)).\n\n" + table)
+        replace_block(args.md, args.md_tag, table_block(res))
     if args.plot and kept:
         plot_2d(kept, args.plot, f"d={args.plot_cell[0]}, d_y={args.plot_cell[1]}, problem 0: samples (red) vs "
                 f"exact posterior (grey), coordinates (x1, x2); x = x*")
