@@ -28,7 +28,7 @@ test-fast: setup
 
 bench: setup  ## regenerate results/speed.md and results/gmm_posterior.md
 	$(PY) -m benchmarks.speed --json results/speed.json
-	$(PY) -m benchmarks.gmm_posterior --json results/gmm_posterior.json
+	$(PY) -m benchmarks.gmm_posterior --json results/gmm_posterior.json --md results/gmm_posterior.md --plot results/gmm_posterior_2d.png --workers 2
 
 tables: setup  ## rebuild table.md/table.csv of every committed sweep under results/
 	for d in results/*/; do [ -n "$$(find $$d -name summary.json -print -quit)" ] && $(PY) -m reddiff.tables $$d > /dev/null; done; true
