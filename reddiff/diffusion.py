@@ -44,18 +44,34 @@ class Schedule:
         return int(torch.argmin((s - sigma).abs()))
 
 
-def timesteps(num_steps: int, ordering: str = "descending", T: int = 1000, seed: int = 0) -> list[int]:
-    """The ``num_steps`` timesteps visited, every (T // num_steps)-th one as in the official code.
+SPACINGS = ("default", "official")
 
-    ``descending`` visits T -> 1 (the paper default), ``ascending`` 1 -> T and ``random`` a seeded
+
+def timesteps(num_steps: int, ordering: str = "descending", T: int = 1000, seed: int = 0,
+              spacing: str = "default") -> list[int]:
+    """The timesteps visited for ``num_steps`` steps on a schedule of length ``T``.
+
+    ``spacing="default"``: exactly ``num_steps`` distinct steps ``t_k = floor(k T / num_steps)``, k = 0..n-1, so
+    the chain starts at ``floor((n-1) T / n) >= T - T/n - 1`` (996 for 300 steps, 990 for 100).  For a count
+    that divides T this is ``range(0, T, T // n)`` bit for bit, the official list.
+    ``spacing="official"``: the official list itself for every count, ``range(0, T, T // n)`` (RED-diff
+    ``utils/functions.py:20-24`` get_timesteps, DDRM ``runners/diffusion.py:334-335``, code), which has
+    ``ceil(T / (T // n))`` entries when n does not divide T (334 for 300, 500 for 400, 1000 for 600): NFE is
+    then what ran, not n.
+
+    ``descending`` visits T -> 0 (the paper default), ``ascending`` 0 -> T and ``random`` a seeded
     permutation that visits each chosen step exactly once.
     """
     if not isinstance(num_steps, int) or num_steps <= 0 or num_steps > T:
         raise ValueError(f"steps must be an integer in [1, {T}], got {num_steps!r}")
     if ordering not in ORDERINGS:
         raise ValueError(f"unknown ordering {ordering!r}; valid orderings: {', '.join(ORDERINGS)}")
-    skip = T // num_steps
-    ts = list(range(0, T, skip))[:num_steps]
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    if spacing == "official":
+        ts = list(range(0, T, T // num_steps))
+    else:
+        ts = [k * T // num_steps for k in range(num_steps)]
     if ordering == "descending":
         return ts[::-1]
     if ordering == "ascending":
