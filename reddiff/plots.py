@@ -15,7 +15,7 @@ PNG files are written next to ``table.md`` in the sweep dir (or any folder of jo
   from each job's ``images/*.png``.
 
 ``--kind auto`` (the default) picks the plots that the sweep's varying settings call for; the experiment presets'
-sweeps run it at the end (:class:`reddiff.tables.SweepTableCallback`).
+sweeps run it at the end (:class:`reddiff.sweep_callback.SweepTableCallback`).
 """
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def _ground_truth(jobs: list[dict], ids: list[str]) -> dict[str, np.ndarray]:
     """Ground-truth images, re-loaded through the job's data config (skipped when the data is not here)."""
     from hydra.utils import instantiate
 
-    from .experiment import to_uint8
+    from .images import to_uint8
 
     for j in jobs:
         data = (j.get("config") or {}).get("data")

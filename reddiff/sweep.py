@@ -73,7 +73,7 @@ def _indices(indices, n: int) -> list[int]:
 
 def batched_sweep(configs: Sequence[Mapping], y: torch.Tensor, operator, prior, seeds: Sequence[int],
                   indices: Optional[Sequence[int]] = None, base: "REDDiff | Mapping | None" = None,
-                  max_batch: Optional[int] = None, callback=None) -> torch.Tensor:
+                  max_batch: Optional[int] = None, callback=None, chunk_hook=None) -> torch.Tensor:
     """Run the K ``configs`` on the ``n`` measurements ``y`` with one network call per step per chunk.
 
     Args:
@@ -87,6 +87,8 @@ def batched_sweep(configs: Sequence[Mapping], y: torch.Tensor, operator, prior, 
         base: a :class:`REDDiff` or dict giving the shared settings (steps, ordering, ...) and per-item defaults.
         max_batch: at most this many items per network call (default: all ``n * K`` at once).
         callback: passed to each chunk's ``sample`` (the batch it sees is the chunk).
+        chunk_hook: called as ``chunk_hook(start, n)`` before each chunk of items ``start .. start+n-1``
+            (the job runner's divergence monitor).
 
     Returns ``(n, K, *prior.shape)``.
     """
@@ -106,6 +108,8 @@ def batched_sweep(configs: Sequence[Mapping], y: torch.Tensor, operator, prior, 
             e = min(items, s + chunk)
             sampler = REDDiff(**shared, **{k: v[s:e] for k, v in kw.items()})
             yc = y_all[s:e]
+            if chunk_hook is not None:
+                chunk_hook(s, e - s)
             operator.setup(idx_all[s:e], (e - s,) + tuple(prior.shape), yc.device, yc.dtype)
             outs.append(sampler.sample(yc, operator, prior, BatchRNG(seeds_all[s:e], device=yc.device),
                                        callback=callback))
@@ -137,123 +141,99 @@ def _job_name(k: int, config: Mapping) -> str:
 
 def run_batched(cfg, root) -> list[dict]:
     """Run the grid ``cfg.sweep_grid`` (``{key: [values]}`` over per-item keys) of the RED-diff sampler ``cfg.sampler``
-    on ``cfg.data`` with one batched sweep per batch of ``cfg.batch_size`` images (at most ``cfg.sweep_max_batch``
-    items per network call), and write one job dir per configuration under ``root`` -- ``metrics.csv``,
-    ``summary.json`` (with ``overrides`` ``sampler.<key>=<value>`` and the configuration in ``config.sampler``),
-    ``grid.png``, images -- as ``python run.py -m`` would, then ``table.md``/``table.csv`` (and the experiment's
-    plots).  Costs per image: ``nfe`` = the sampler's steps (each restoration takes part in that many network
-    calls, on the batch of all configurations), ``seconds`` = batch wall time / (images x K).  No resume: a rerun
-    needs a new directory.  Returns the K summaries.
+    on ``cfg.data`` with one batched sweep per fixed batch of ``cfg.batch_size`` images (at most
+    ``cfg.sweep_max_batch`` items per network call), through the job runner's batch loop
+    (:func:`reddiff.batch_loop.run_batches`), and write one job dir per configuration under ``root`` -- each
+    locked, bound to its configuration's fingerprint and resumable, as ``python run.py -m`` would -- then
+    ``table.md``/``table.csv`` (and the experiment's plots).  Costs per image: ``nfe`` = the sampler's steps (each
+    restoration takes part in that many network calls, on the batch of all configurations), ``seconds`` = batch
+    wall time / (images x K).  Returns the K summaries.
     """
+    import contextlib
     import copy
     import json
     import math
     import time
     from pathlib import Path
 
-    import numpy as np
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from . import experiment as ex
-    from .data import CorruptImageError
-    from .errors import ResolutionMismatchError, UserError
-    from .results import ResultStore, atomic_write_text, safe_name
+    from .aggregate import summarize
+    from .batch_loop import Sink, run_batches
+    from .errors import UserError
+    from .formatting import one_line
+    from .images import write_job_grid
+    from .jobdir import InputsLog, JobLock, bind, fingerprint
+    from .results import ResultStore, atomic_write_text
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if cfg.get("sweep_grid") is None:
         raise UserError("reddiff.sweep needs sweep_grid: {lam: [...], lr: [...]} (see conf/experiment/"
                         "demo_lambda_lr_batched.yaml)")
-    configs = grid(**OmegaConf.to_container(cfg.sweep_grid, resolve=True))
+    ex.check_scalars(cfg)
+    try:
+        configs = grid(**OmegaConf.to_container(cfg.sweep_grid, resolve=True))
+    except ValueError as e:
+        raise UserError(str(e)) from e
     K = len(configs)
     ident = ex.job_identity(cfg)
-    operator = instantiate(cfg.task.operator)
-    sampler = instantiate(cfg.sampler)
+    operator = ex.build(cfg.task.operator, f"task={ident['task']}")
+    sampler = ex.build(cfg.sampler, f"sampler={ident['sampler']}")
     if not isinstance(sampler, REDDiff):
         raise UserError(f"reddiff.sweep batches RED-diff configurations; sampler={ident['sampler']} is "
                         f"{type(sampler).__name__}")
     device = ex.resolve_device(cfg.device)
-    dtype = torch.float32
-    dataset = instantiate(cfg.data)
-    prior = instantiate(cfg.prior).to(device).eval()
-    if int(dataset.resolution) != int(tuple(prior.shape)[-1]):
-        raise ResolutionMismatchError(f"prior works at {tuple(prior.shape)[-1]} px but data is {dataset.resolution} px")
-    suite = instantiate(cfg.metrics)
-    names = list(suite.names)
+    prior = ex.build(cfg.prior, f"prior={ident['prior']}").to(device).eval()
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    dataset = ex.prepare_data(cfg, prior, ident, resolved)
+    suite = ex.build(cfg.metrics, "metrics")
+    names = list(suite.names)
+    weights, sha = ex.weights_record(prior)
     common = {"task": ident["task"], "sampler": ident["sampler"] or "reddiff", "prior": ident["prior"],
               "data": ident["data"], "experiment": ident["experiment"], "versions": ex.versions(),
-              "git_commit": ex.git_commit()}
-    jobs = []
-    for k, c in enumerate(configs):
-        job_cfg = copy.deepcopy(resolved)
-        job_cfg["sampler"].update(c)
-        job_dir = root / _job_name(k, c)
-        jobs.append({"dir": job_dir, "store": ResultStore(job_dir, names, resume=False),
-                     "base": {**common, "overrides": list(ident["overrides"]) + [f"sampler.{a}={b}" for a, b in c.items()],
-                              "config": job_cfg}})
-    max_batch = cfg.get("sweep_max_batch")
-    entries = dataset.entries()
-    bs = int(cfg.batch_size)
-    skipped: list[dict] = []
-    t_job = time.time()
-    for start in range(0, len(entries), bs):
-        batch_entries, imgs = [], []
-        for e in entries[start:start + bs]:
-            try:
-                imgs.append(dataset.load(e))
-                batch_entries.append(e)
-            except CorruptImageError as err:
-                skipped.append({"image_id": e.image_id, "reason": str(err)})
-        if not batch_entries:
-            continue
-        x = torch.stack(imgs).to(device=device, dtype=dtype)
-        indices = [e.index for e in batch_entries]
-        n = len(indices)
-        operator.setup(indices, tuple(x.shape), device, dtype)
-        y = operator.measure(x, BatchRNG.for_images(cfg.seed + ex.MEASUREMENT_SEED_OFFSET, indices, device))
-        prior.reset_nfe()
-        t0 = time.time()
-        xs = batched_sweep(configs, y, operator, prior, [int(cfg.seed) + i for i in indices], indices=indices,
-                           base=sampler, max_batch=max_batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        sec = (time.time() - t0) / (n * K)
-        chunks = 1 if max_batch is None else math.ceil(n * K / max(1, int(max_batch)))
-        nfe = prior.nfe // chunks if prior.nfe % chunks == 0 else prior.nfe / chunks
-        vis = operator.visualize(y)
-        for k, job in enumerate(jobs):
-            x_hat = xs[:, k]
-            bad = ~torch.isfinite(x_hat).reshape(n, -1).all(dim=1)
-            x_eval = torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(x_hat), x_hat).clamp(-1, 1)
-            with torch.no_grad():
-                vals = {a: v.detach().cpu() for a, v in suite.per_image(x_eval, x).items()}
-                feats = suite.features(x_eval, x)
-            for j, e in enumerate(batch_entries):
-                row = {"image_id": e.image_id, "nfe": nfe, "seconds": sec, "diverged": bool(bad[j])}
-                for name in names:
-                    row[name] = None if bool(bad[j]) or name not in vals else float(vals[name][j])
-                if cfg.get("save_images", True):
-                    ex.save_png(job["dir"] / "images" / f"{safe_name(e.image_id)}.png", x_eval[j])
-                    if vis is not None and tuple(vis.shape[1:]) == tuple(x.shape[1:]):
-                        ex.save_png(job["dir"] / "images" / f"{safe_name(e.image_id)}_y.png", vis[j])
-                fj = {a: np.asarray(v[j]) for a, v in feats.items()}
-                if e.label is not None:
-                    fj["label"] = np.asarray(e.label)
-                job["store"].append(row, fj)
-        print(f"[reddiff.sweep] {start + n}/{len(entries)} images x {K} configurations, "
-              f"{sec * n * K:.1f} s for this batch")
-    wall = time.time() - t_job
-    summaries = []
-    for c, job in zip(configs, jobs):
-        s = ex.summarize(job["store"], suite, names, dataset, job["base"], skipped, wall)
-        s["batched_sweep"] = {"K": K, "configs": configs, "this": c, "max_batch": max_batch,
-                              "note": "peak_rss_mb and wall_seconds_this_run are those of the whole batched sweep"}
-        ex.write_job_grid(job["dir"], job["store"], dataset, s, int(cfg.get("grid_images", 6)))
-        atomic_write_text(job["dir"] / "summary.json", json.dumps(s, indent=2, default=str))
-        print("[reddiff.sweep] " + _job_name(0, c)[2:] + ": " + ex.one_line(s))
-        summaries.append(s)
+              "git_commit": ex.git_commit(), "weights": weights}
+    logger = ex.build(cfg.logger, "logger")
+    logger.start(resolved, ident, root)
+    sinks, bases = [], []
+    with contextlib.ExitStack() as locks:
+        for k, c in enumerate(configs):
+            job_cfg = copy.deepcopy(resolved)
+            job_cfg["sampler"].update(c)
+            job_dir = root / _job_name(k, c)
+            job_dir.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(JobLock(job_dir))
+            fp = fingerprint(job_cfg, sha)
+            bind(job_dir, fp, cfg.get("resume", True), cfg.get("archive", False))
+            sinks.append(Sink(job_dir, ResultStore(job_dir, names), InputsLog(job_dir)))
+            bases.append({**common, "fingerprint": {"merge_key": fp["merge_key"]}, "config": job_cfg,
+                          "overrides": list(ident["overrides"]) + [f"sampler.{a}={b}" for a, b in c.items()]})
+        max_batch = cfg.get("sweep_max_batch")
+
+        def restore(y, indices, monitor, callback):
+            xs = batched_sweep(configs, y, operator, prior, [int(cfg.seed) + i for i in indices], indices=indices,
+                               base=sampler, max_batch=max_batch, callback=callback, chunk_hook=monitor.begin)
+            chunks = 1 if max_batch is None else math.ceil(y.shape[0] * K / max(1, int(max_batch)))
+            nfe = prior.nfe // chunks if prior.nfe % chunks == 0 else prior.nfe / chunks
+            return [xs[:, k] for k in range(K)], nfe
+
+        t_job = time.time()
+        run_batches(dataset=dataset, operator=operator, prior=prior, suite=suite, sinks=sinks, restore=restore,
+                    seed=int(cfg.seed), batch_size=int(cfg.batch_size), device=device, logger=logger,
+                    save_images=bool(cfg.get("save_images", True)), progress=bool(cfg.get("progress", False)),
+                    desc=f"{K} RED-diff configurations on {ident['task']}", prefix="[reddiff.sweep]")
+        wall = time.time() - t_job
+        summaries = []
+        for c, sink, base in zip(configs, sinks, bases):
+            s = summarize(sink.store, suite, base, sink.inputs.as_dict(), wall)
+            s["batched_sweep"] = {"K": K, "configs": configs, "this": c, "max_batch": max_batch,
+                                  "note": "peak_rss_mb and wall_seconds_this_run are those of the whole batched sweep"}
+            write_job_grid(sink.dir, sink.store.rows, dataset, s, int(cfg.get("grid_images", 6)))
+            atomic_write_text(sink.dir / "summary.json", json.dumps(s, indent=2, default=str))
+            print("[reddiff.sweep] " + _job_name(0, c)[2:] + ": " + one_line(s))
+            summaries.append(s)
+    logger.finish(summaries[0] if K == 1 else {}, root)
     from .tables import write_tables
 
     md = write_tables(root, "python -m reddiff.sweep " + " ".join(ident["overrides"]))
@@ -266,6 +246,7 @@ def run_batched(cfg, root) -> list[dict]:
                 print(f"[reddiff.sweep] plot: {p}")
         except Exception as e:  # noqa: BLE001 - plotting never fails the sweep
             print(f"[reddiff.sweep] plots not written: {e}; run: python -m reddiff.plots {root}")
+    print(f"[reddiff.sweep] results: {root}")
     return summaries
 
 
@@ -278,12 +259,19 @@ def main() -> None:
 
     from .errors import UserError
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    from .entry import config_dir, preflight
+
+    preflight(sys.argv[1:])
+
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
     def _main(cfg) -> None:
         try:
             run_batched(cfg, Path(HydraConfig.get().runtime.output_dir))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            print(f"error: cannot write: {e}", file=sys.stderr)
             sys.exit(2)
 
     _main()

@@ -12,12 +12,12 @@ import csv
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
-
 from .anchors import lookup
-from .experiment import compute_metrics, fmt_metric
+from .aggregate import compute_metrics
+from .formatting import fmt_metric
 from .results import atomic_write_text, load_features, read_rows, safe_name
 
 SHARD_RE = re.compile(r"^(\+*data\.shard|\+*data\.num_shards|hydra\..*|resume|progress|device)=")
@@ -46,8 +46,12 @@ def _load(job: Path) -> dict:
 
 
 def _group_key(summary: dict) -> tuple:
+    """Jobs merged as shards: same identity and overrides but the sharding keys, and (when recorded) the same
+    configuration fingerprint without the sharding keys (reddiff.jobdir)."""
     ov = [o for o in summary.get("overrides", []) if not SHARD_RE.match(o)]
-    return (summary.get("task"), summary.get("sampler"), summary.get("prior"), summary.get("data"), tuple(sorted(ov)))
+    merge = (summary.get("fingerprint") or {}).get("merge_key")
+    return (summary.get("task"), summary.get("sampler"), summary.get("prior"), summary.get("data"), tuple(sorted(ov)),
+            merge)
 
 
 def merge_shards(jobs: list[Path], summaries: list[dict]) -> dict:
@@ -180,59 +184,35 @@ def render(header, rows, notes, fmt: str = "md") -> str:
     return "\n".join(out) + "\n"
 
 
+def provenance_line(root: Path) -> str | None:
+    """The ``Command: ...`` first line of an existing table.md (kept when the table is rebuilt)."""
+    p = Path(root) / "table.md"
+    if not p.is_file():
+        return None
+    first = p.read_text().split("\n", 1)[0]
+    return first if first.startswith("Command:") else None
+
+
 def write_tables(root: Path, command: str | None = None) -> str:
+    """Write table.md/table.csv of ``root``; ``command`` starts a new provenance line, else the old one is kept.
+    Raises :class:`~reddiff.errors.UserError` (and writes nothing) when ``root`` holds no job."""
+    from .errors import UserError
+
     root = Path(root)
     summaries = collect(root)
+    if not summaries:
+        raise UserError(f"no job dirs (summary.json / metrics.csv) under {root}; nothing written")
     header, rows, notes = build_rows(summaries)
     md = render(header, rows, notes, "md")
     if command:
         import datetime
 
         md = f"Command: `{command}` ({datetime.date.today().isoformat()})\n\n" + md
+    elif provenance_line(root):
+        md = provenance_line(root) + "\n\n" + md
     atomic_write_text(root / "table.md", md)
     atomic_write_text(root / "table.csv", render(header, rows, notes, "csv"))
     return md
-
-
-class SweepTableCallback(Callback):
-    """Hydra callback: at the end of a multirun, write table.md / table.csv in the sweep dir and print them."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        import sys
-
-        root = Path(config.hydra.sweep.dir)
-        if not root.exists():
-            return
-        cmd = "python run.py -m " + " ".join(config.hydra.overrides.task)
-        md = write_tables(root, cmd)
-        print(f"\n[reddiff] sweep table ({root}/table.md):\n{md}")
-        if config.get("experiment_name"):  # experiment presets: plots next to the tables (reddiff.plots)
-            try:
-                from .plots import make_plots
-
-                for p in make_plots(root):
-                    print(f"[reddiff] plot: {p}")
-            except Exception as e:  # noqa: BLE001 - plotting never fails the sweep
-                print(f"[reddiff] plots not written: {e}; run: python -m reddiff.plots {root}", file=sys.stderr)
-        try:
-            _log_wandb_table(root, config)
-        except Exception as e:  # noqa: BLE001 - logging never fails the sweep
-            print(f"[reddiff] W&B table not logged: {e}", file=sys.stderr)
-
-
-def _log_wandb_table(root: Path, config) -> None:
-    lg = config.get("logger", {})
-    if not lg or "Wandb" not in str(lg.get("_target_", "")):
-        return
-    import wandb
-
-    header, rows, _ = build_rows(collect(root))
-    run = wandb.init(project=lg.get("project"), entity=lg.get("entity"), mode=lg.get("mode", "offline"),
-                     group=config.get("experiment_name") or "adhoc", job_type="table", name=f"table {root.name}",
-                     settings=wandb.Settings(console="off", silent=True), reinit="finish_previous", dir=str(root))
-    run.log({"table": wandb.Table(columns=header, data=rows),
-             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(root.glob("plot_*.png"))}})
-    run.finish()
 
 
 def main(argv=None) -> None:
@@ -243,12 +223,15 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     root = Path(a.dir)
     if not root.is_dir():
-        raise SystemExit(f"error: {root} is not a directory")
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        raise SystemExit(2)
+    summaries = collect(root)
+    if not summaries:
+        print(f"error: no job dirs (summary.json / metrics.csv) under {root}; nothing written", file=sys.stderr)
+        raise SystemExit(2)
     if not a.no_write:
         write_tables(root)
-    header, rows, notes = build_rows(collect(root))
-    if not rows:
-        raise SystemExit(f"error: no job dirs (summary.json / metrics.csv) under {root}")
+    header, rows, notes = build_rows(summaries)
     print(render(header, rows, notes, a.format), end="")
 
 

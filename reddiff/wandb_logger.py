@@ -17,7 +17,7 @@ class NullLogger:
     def step_callback(self, indices):
         return None
 
-    def log_batch(self, entries, values) -> None:
+    def log_batch(self, entries, values, job=None) -> None:
         pass
 
     def finish(self, summary: dict, job_dir: Path) -> None:
@@ -66,10 +66,11 @@ class WandbLogger(NullLogger):
 
         return cb
 
-    def log_batch(self, entries, values) -> None:
+    def log_batch(self, entries, values, job=None) -> None:
+        """Per-image metric rows; ``job`` (the configuration index of a batched sweep) adds a column."""
         for j, e in enumerate(entries):
-            self._rows.append([e.image_id] + [float(values[k][j]) for k in sorted(values)])
-        self._cols = ["image_id"] + sorted(values)
+            self._rows.append(([] if job is None else [job]) + [e.image_id] + [float(values[k][j]) for k in sorted(values)])
+        self._cols = ([] if job is None else ["job"]) + ["image_id"] + sorted(values)
 
     def finish(self, summary: dict, job_dir: Path) -> None:
         if self.run is None:

@@ -74,12 +74,16 @@ class WeightSpec:
                 return p
         return None
 
+    def instructions(self) -> Optional[str]:
+        """The manual download instructions, with the cache folder as it is now ($REDDIFF_HOME honoured)."""
+        return self.manual.replace("{home}", str(reddiff_home())) if self.manual else None
+
     def missing_message(self, path: Optional[Path] = None) -> str:
         where = path or self.default_path()
         if self.url:
             how = f"run: reddiff weights fetch {self.name}  (needs internet)"
         else:  # no direct download: `fetch` prints these instructions
-            how = f"{self.manual or f'place it at {where}'} (`reddiff weights fetch {self.name}` prints these instructions)"
+            how = f"{self.instructions() or f'place it at {where}'} (`reddiff weights fetch {self.name}` prints these instructions)"
         return f"{self.filename} not found at {where}; {how}"
 
 
@@ -124,21 +128,55 @@ def check_hash(spec: WeightSpec, path: Path, verify: bool = True) -> str:
     return "override"
 
 
+#: every file resolved in this process: path -> {"sha256", "verified_as", "state"} (goes into summary.json)
+LOADED: dict[str, dict] = {}
+
+
+def identify(path: Path) -> Optional[WeightSpec]:
+    """The registry entry whose pinned hash this file's content matches (whatever the file's name), or None."""
+    digest = sha256sum(path)
+    for spec in REGISTRY.values():
+        if spec.sha256 == digest or (spec.sha256_prefix and not spec.sha256 and digest.startswith(spec.sha256_prefix)
+                                     and spec.filename == Path(path).name):
+            return spec
+    return None
+
+
+def _record(path: Path, state: str, spec: Optional[WeightSpec]) -> None:
+    LOADED[str(Path(path).resolve())] = {"sha256": sha256sum(path), "verified_as": spec.name if spec else None,
+                                         "state": state}
+
+
 def resolve(name_or_path: str, verify: bool = True) -> Path:
-    """Path of a registered file (or an explicit existing path), hash-checked. Raises MissingWeightsError."""
+    """Path of a registered file (or an explicit existing path), checked by content. Raises MissingWeightsError.
+
+    An explicit path whose sha256 matches a registry entry is verified as that entry whatever its name; one
+    named like an entry but with another hash is refused (HashMismatchError) unless ``verify=False``; any other
+    file loads with its sha256 recorded in :data:`LOADED` and a one-line notice.
+    """
     if name_or_path in REGISTRY:
         spec = REGISTRY[name_or_path]
         path = spec.find()
         if path is None:
             raise MissingWeightsError(spec.missing_message())
-        check_hash(spec, path, verify)
+        _record(path, check_hash(spec, path, verify), spec)
         return path
     p = Path(os.path.expanduser(str(name_or_path)))
     if not p.is_file():
         raise MissingWeightsError(f"{p} not found (not a registered name either; known: {', '.join(sorted(REGISTRY))})")
-    for spec in REGISTRY.values():  # an explicit path to a known file name is still checked
-        if spec.filename == p.name:
-            check_hash(spec, p, verify)
+    spec = identify(p)
+    if spec is not None:
+        _record(p, "verified", spec)
+        return p
+    for named in REGISTRY.values():  # an explicit path to a known file name must hold that file
+        if named.filename == p.name:
+            _record(p, check_hash(named, p, verify), None)
+            return p
+    key = str(p.resolve())
+    if key not in LOADED:
+        log.warning("%s is not a registered weights file; loading it with sha256 %s (recorded in summary.json)",
+                    p, sha256sum(p))
+    _record(p, "unregistered", None)
     return p
 
 
@@ -163,7 +201,7 @@ def fetch(name: str, dest: Optional[Path] = None) -> Path:
         raise KeyError(f"unknown weights {name!r}; known: {', '.join(sorted(REGISTRY))}")
     spec = REGISTRY[name]
     if not spec.url:
-        raise RuntimeError(f"{name} has no direct download: {spec.manual}")
+        raise RuntimeError(f"{name} has no direct download: {spec.instructions()}")
     dest = Path(dest) if dest else (torch_hub_dir() if spec.cache == "torch_hub" else reddiff_home()) / spec.filename
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
@@ -202,13 +240,13 @@ register(WeightSpec("adm_imagenet256_uncond", "256x256_diffusion_uncond.pt", "AD
                     url=_OPENAI + "256x256_diffusion_uncond.pt", sha256=ADM_IMAGENET256_UNCOND_SHA256,
                     env="REDDIFF_ADM_IMAGENET", used_by="prior=adm_imagenet256"))
 register(WeightSpec("adm_imagenet256_cond", "256x256_diffusion.pt", "ADM ImageNet-256 class-conditional (553.8M)",
-                    url=_OPENAI + "256x256_diffusion.pt", env="REDDIFF_ADM_IMAGENET_COND", used_by="prior=adm_imagenet256_cond"))
+                    url=_OPENAI + "256x256_diffusion.pt", env="REDDIFF_ADM_IMAGENET_COND", used_by="no shipped prior config: prior.weights=adm_imagenet256_cond prior.arch=adm_imagenet256_cond"))
 register(WeightSpec("adm_imagenet256_classifier", "256x256_classifier.pt", "ADM ImageNet-256 noisy classifier",
                     url=_OPENAI + "256x256_classifier.pt",
                     used_by="classifier guidance (not implemented by UNetPrior; see docs/MODEL_CARD.md)"))
 register(WeightSpec("dps_ffhq256", "ffhq_10m.pt", "DPS FFHQ-256 unconditional (93.6M)", env="REDDIFF_DPS_FFHQ",
                     manual="download ffhq_10m.pt from the DPS repository's Google Drive link "
-                           "(DPS2022/diffusion-posterior-sampling README) and place it at ~/.cache/reddiff/ffhq_10m.pt",
+                           "(DPS2022/diffusion-posterior-sampling README) and place it at {home}/ffhq_10m.pt",
                     used_by="prior=dps_ffhq256"))
 register(WeightSpec("alexnet", "alexnet-owt-7be5be79.pth", "torchvision AlexNet (LPIPS backbone)",
                     url=_TV + "alexnet-owt-7be5be79.pth", sha256_prefix="7be5be79", cache="torch_hub", used_by="metrics: lpips (alex)"))
@@ -228,7 +266,7 @@ register(WeightSpec("inception_fid", "pt_inception-2015-12-05-6726825d.pth", "FI
 register(WeightSpec("bkse_gopro", "GOPRO_wVAE.pth", "bkse kernel-space blur network (nonlinear deblur operator)",
                     env="REDDIFF_BKSE",
                     manual="download GOPRO_wVAE.pth from the bkse project (VinAIResearch/blur-kernel-space-exploring, "
-                           "experiments/pretrained) and place it at ~/.cache/reddiff/GOPRO_wVAE.pth",
+                           "experiments/pretrained) and place it at {home}/GOPRO_wVAE.pth",
                     used_by="task=deblur_nonlinear"))
 # The DGP list (DDRM's README: "taken from XingangPan/deep-generative-prior"; DDRM does not ship the file).  RED-diff's
 # misc/dgp_top1k.txt is the same 1000 images, labels and order with the class folder prepended.  sha256 of the

@@ -124,7 +124,7 @@ def test_preset_composes_with_its_axes_group_and_sweep_dir(hydra_ctx, name):
     assert cfg.experiment_name == name
     assert OmegaConf.select(cfg, "logger.group") == name or cfg.hydra.runtime.choices.logger == "none"
     assert name in cfg.hydra.sweep.dir
-    assert "reddiff.tables.SweepTableCallback" in str(cfg.hydra.callbacks)
+    assert "reddiff.sweep_callback.SweepTableCallback" in str(cfg.hydra.callbacks)
     axes = {k: [s.strip() for s in str(v).split(",")] for k, v in cfg.hydra.sweeper.params.items()}
     assert axes == EXPECTED_AXES[name]
     jobs = sweep_jobs(name)

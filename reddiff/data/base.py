@@ -59,13 +59,20 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
 
 
-def read_rgb(path: Path):
-    """Open and fully decode an image as RGB PIL image; CorruptImageError(reason) when that fails."""
+def read_rgb(path: Path, notes: Optional[list] = None):
+    """Open and fully decode an image as RGB PIL image; CorruptImageError(reason) when that fails.
+
+    ``notes`` (a list) receives what the conversion changed: ``alpha_dropped``, ``grayscale_to_rgb``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
+            if notes is not None:
+                if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                    notes.append("alpha_dropped")
+                if im.mode in ("L", "LA", "I", "I;16", "F", "1"):
+                    notes.append("grayscale_to_rgb")
             return im.convert("RGB")
     except FileNotFoundError:
         raise CorruptImageError(f"{path}: file not found") from None
@@ -79,8 +86,13 @@ def to_model_tensor(arr: np.ndarray) -> torch.Tensor:
     return t / 127.5 - 1.0
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    return to_model_tensor(center_crop_arr(read_rgb(path), int(resolution)))
+def load_image(path: Path, resolution: int, notes: Optional[list] = None) -> torch.Tensor:
+    """``notes`` (a list) receives the conversions made: see :func:`read_rgb`, plus ``upscaled`` (the short
+    side was below ``resolution``) and ``downscaled``."""
+    im = read_rgb(path, notes)
+    if notes is not None and min(im.size) != int(resolution):
+        notes.append("upscaled" if min(im.size) < int(resolution) else "downscaled")
+    return to_model_tensor(center_crop_arr(im, int(resolution)))
 
 
 def safe_id(rel: str) -> str:
@@ -93,8 +105,10 @@ class ImageDataset:
 
     name = "base"
 
-    def __init__(self, resolution: int = 256, start: int = 0, count: Optional[int] = None,
+    def __init__(self, resolution: Optional[int] = 256, start: int = 0, count: Optional[int] = None,
                  shard: int = 0, num_shards: int = 1):
+        if resolution is None:
+            raise ValueError("data.resolution is not set (the runner sets it to the prior's resolution)")
         self.resolution = int(resolution)
         self.start = int(start or 0)
         self.count = None if count is None else int(count)
@@ -107,6 +121,8 @@ class ImageDataset:
         if self.num_shards < 1 or not 0 <= self.shard < self.num_shards:
             raise ValueError(f"need 0 <= data.shard < data.num_shards (got shard={shard}, num_shards={num_shards})")
         self._paths: Optional[dict[str, object]] = None
+        #: image_id -> conversions its loading made (alpha dropped, up/down-scaled, ...); filled by load()
+        self.conversions: dict[str, list[str]] = {}
 
     # subclasses -------------------------------------------------------------------------------------------
     def _all(self) -> list[tuple[Entry, object]]:
@@ -137,7 +153,11 @@ class ImageDataset:
             raise KeyError(f"{entry.image_id!r} is not an image of data set {self.name}") from None
 
     def load(self, entry: Entry) -> torch.Tensor:
-        return load_image(Path(self.source(entry)), self.resolution)
+        notes: list[str] = []
+        x = load_image(Path(self.source(entry)), self.resolution, notes)
+        if notes:
+            self.conversions[entry.image_id] = notes
+        return x
 
     @property
     def key(self) -> str:

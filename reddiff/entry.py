@@ -1,0 +1,79 @@
+"""``reddiff-run`` / ``python run.py``: compose the Hydra config, run one job (or a sweep with ``-m``).
+
+The config comes from the clone's ``conf/`` when this package runs from a clone, else from the copy installed
+as package data (``reddiff.conf``), so ``pip install .`` works from any directory.  Before Hydra starts,
+:func:`preflight` checks that an explicit ``hydra.run.dir``/``hydra.sweep.dir`` can be created and written
+(Hydra itself would fail there with a traceback).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("reddiff")
+
+
+def config_dir() -> str:
+    clone = Path(__file__).resolve().parents[1] / "conf"
+    return str(clone) if (clone / "config.yaml").is_file() else "pkg://reddiff.conf"
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def preflight(argv: list[str]) -> None:
+    """One clear line and exit 2 when an explicit output folder cannot be created or written."""
+    for arg in argv:
+        key, sep, val = arg.lstrip("+").partition("=")
+        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in val:
+            continue
+        p = Path(val).expanduser().absolute()
+        probe = p
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            _fail(f"{key}={val} cannot be created: {probe} is a file, not a folder")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _fail(f"{key}={val} cannot be created: {e.strerror or e}")
+        if not os.access(p, os.W_OK):
+            _fail(f"{key}={val} is not writable")
+
+
+def _job(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .errors import UserError
+    from .experiment import run
+
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, job_dir)
+    except UserError as e:
+        # one clear line, no traceback; earlier results in the job dir are kept
+        msg = f"error: {e}"
+        print(msg, file=sys.stderr)
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            (job_dir / "error.txt").write_text(msg + "\n")
+        except OSError:
+            pass
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            return  # the sweep goes on; its table shows this job as failed
+        sys.exit(2)
+
+
+def main() -> None:
+    import hydra
+
+    preflight(sys.argv[1:])
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(_job)()
+
+
+if __name__ == "__main__":
+    main()

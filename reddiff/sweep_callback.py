@@ -1,0 +1,53 @@
+"""Hydra callback of every multirun: at the end of the sweep, write ``table.md``/``table.csv`` in the sweep dir
+(:mod:`reddiff.tables`), the experiment presets' plots (:mod:`reddiff.plots`) and the W&B table run.  Kept apart
+from both so that tables and plots do not import each other."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from .tables import build_rows, collect, write_tables
+
+
+class SweepTableCallback(Callback):
+    """Hydra callback: at the end of a multirun, write table.md / table.csv in the sweep dir and print them."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        root = Path(config.hydra.sweep.dir)
+        if not root.exists():
+            return
+        if not collect(root):
+            print(f"[reddiff] no finished job under {root}: no table written", file=sys.stderr)
+            return
+        cmd = "python run.py -m " + " ".join(config.hydra.overrides.task)
+        md = write_tables(root, cmd)
+        print(f"\n[reddiff] sweep table ({root}/table.md):\n{md}")
+        if config.get("experiment_name"):  # experiment presets: plots next to the tables (reddiff.plots)
+            try:
+                from .plots import make_plots
+
+                for p in make_plots(root):
+                    print(f"[reddiff] plot: {p}")
+            except Exception as e:  # noqa: BLE001 - plotting never fails the sweep
+                print(f"[reddiff] plots not written: {e}; run: python -m reddiff.plots {root}", file=sys.stderr)
+        try:
+            _log_wandb_table(root, config)
+        except Exception as e:  # noqa: BLE001 - logging never fails the sweep
+            print(f"[reddiff] W&B table not logged: {e}", file=sys.stderr)
+
+
+def _log_wandb_table(root: Path, config) -> None:
+    lg = config.get("logger", {})
+    if not lg or "Wandb" not in str(lg.get("_target_", "")):
+        return
+    import wandb
+
+    header, rows, _ = build_rows(collect(root))
+    run = wandb.init(project=lg.get("project"), entity=lg.get("entity"), mode=lg.get("mode", "offline"),
+                     group=config.get("experiment_name") or root.name, job_type="table", name=f"table {root.name}",
+                     settings=wandb.Settings(console="off", silent=True), reinit="finish_previous", dir=str(root))
+    run.log({"table": wandb.Table(columns=header, data=rows),
+             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(root.glob("plot_*.png"))}})
+    run.finish()
