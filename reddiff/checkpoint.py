@@ -125,7 +125,9 @@ def _unpickler_reason(e: Exception) -> str:
     """The specific reason in torch's long weights_only message (e.g. 'Unsupported global: GLOBAL posix.system')."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    useful = [ln.split("WeightsUnpickler error:", 1)[-1].strip() for ln in lines if not ln.startswith(skip)]
+    unsafe = ("weights_only", "will likely succeed", "trust the source", "safe_globals", "add_safe_globals")
+    useful = [ln.split("WeightsUnpickler error:", 1)[-1].strip() for ln in lines
+              if not ln.startswith(skip) and not any(u in ln for u in unsafe)]
     useful = [ln for ln in useful if ln]
     return (useful[0] if useful else "a non-tensor object")[:300]
 
@@ -156,8 +158,10 @@ def load_state_dict(path, key: Optional[str] = None) -> dict[str, torch.Tensor]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            f"refusing to unpickle {path}: it contains code/objects; only plain tensors are accepted "
-            f"(restricted unpickler: {_unpickler_reason(e)})") from None
+            f"refusing to unpickle {path}: it carries code or objects ({_unpickler_reason(e)}), and nothing in it "
+            "was executed; only plain tensors are accepted. To use it, convert it once to safetensors where you "
+            "trust the file: load it with the code that wrote it, then safetensors.torch.save_file(state_dict, "
+            "'weights.safetensors'), and point the harness at that file") from None
     except Exception as e:  # truncated zip, random bytes, ...: unreadable, and nothing was executed
         raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})") from None
     return _unwrap(obj, path, key)

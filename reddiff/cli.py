@@ -1,7 +1,7 @@
 """``reddiff`` command line (entry point in pyproject.toml).
 
     reddiff weights status [--json]      every registry entry: present / missing, its path, what uses it (offline)
-    reddiff weights fetch NAME [--dest]  download one entry into its standard cache (needs internet)
+    reddiff weights fetch NAME... [--dest]  download entries into their standard cache (needs internet)
     reddiff data status [--json]         the data files of the registry (e.g. the ImageNet 1k list)
     reddiff data fetch NAME [--dest]     download one data file (e.g. imagenet_val_1k)
 
@@ -74,14 +74,18 @@ def main(argv=None) -> int:
         sub = g.add_subparsers(dest="cmd", required=True)
         st = sub.add_parser("status", help="list entries, present or missing, with paths (offline)")
         st.add_argument("--json", action="store_true")
-        fe = sub.add_parser("fetch", help="download one entry into its standard cache (needs internet)")
-        fe.add_argument("name")
-        fe.add_argument("--dest", default=None, help="write here instead of the standard cache")
+        fe = sub.add_parser("fetch", help="download entries into their standard cache (needs internet)")
+        fe.add_argument("names", nargs="+", metavar="NAME")
+        fe.add_argument("--dest", default=None, help="write here instead of the standard cache (one NAME only)")
     a = p.parse_args(argv)
     data_only = a.group == "data"
     if a.cmd == "status":
         return _status(data_only, a.json)
-    return _fetch(a.name, a.dest, data_only)
+    if a.dest is not None and len(a.names) > 1:
+        print("--dest takes one NAME; fetch the others into their standard cache", file=sys.stderr)
+        return 2
+    codes = [_fetch(name, a.dest, data_only) for name in a.names]  # each one reports its own outcome
+    return max(codes)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,9 @@ from tqdm import tqdm
 
 from .diffusion import Schedule
 from .photos import training_photos
-from .priors.adm import UNet, UNetConfig
+from .priors.adm import UNet, UNetConfig  # noqa: F401
+from .priors.unet import EMBEDDED_CONFIG  # noqa: F401 - the architecture lives with the prior
 
-EMBEDDED_CONFIG = UNetConfig(
-    image_size=64, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-    attention_resolutions=(8,), channel_mult=(1, 2, 2, 4), num_heads=4, num_head_channels=32,
-    use_scale_shift_norm=True, resblock_updown=True, learn_sigma=False,
-)
 
 
 def build_pyramid(photos: dict, scales=(1.0, 0.7, 0.5, 0.35, 0.25, 0.18), min_side=64) -> list[torch.Tensor]:

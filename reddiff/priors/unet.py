@@ -12,7 +12,7 @@
 * ``arch``: a named configuration (:data:`ARCHS`), a :class:`UNetConfig` or a dict of its fields.  ``None``
   infers it from the registry name, or from the ``unet_config`` metadata of a safetensors file.
   ``embedded64`` is the configuration stored in the file's metadata (written from
-  ``reddiff.train_prior.EMBEDDED_CONFIG``), falling back to ``EMBEDDED_CONFIG`` when a file has none.
+  ``EMBEDDED_CONFIG`` below), falling back to ``EMBEDDED_CONFIG`` when a file has none.
 * Loading is strict: the file's keys and shapes must be exactly those of the architecture; otherwise the
   error lists the missing, unexpected and mis-shaped keys.  Files are read with
   :func:`reddiff.checkpoint.load_state_dict` (safetensors, or ``torch.load(weights_only=True)``).
@@ -45,9 +45,15 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded64"
 
 
-def _embedded_config() -> UNetConfig:
-    from ..train_prior import EMBEDDED_CONFIG
+#: the embedded 64x64 prior's architecture (3.7M parameters; trained by reddiff/train_prior.py)
+EMBEDDED_CONFIG = UNetConfig(
+    image_size=64, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+    attention_resolutions=(8,), channel_mult=(1, 2, 2, 4), num_heads=4, num_head_channels=32,
+    use_scale_shift_norm=True, resblock_updown=True, learn_sigma=False,
+)
 
+
+def _embedded_config() -> UNetConfig:
     return EMBEDDED_CONFIG
 
 
