@@ -9,15 +9,13 @@ DDIM.  ``y`` only fixes the batch size, dtype and device.  Also the sample gener
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
 
 import torch
 
-from reddiff.diffusion import ddim_coefficients, timesteps
-from reddiff.samplers.base import Sampler
+from reddiff.samplers.base import DDIMFamily, validate_steps
 
 
-class DDIM(Sampler):
+class DDIM(DDIMFamily):
     """Unconditional DDIM.
 
     Args:
@@ -31,30 +29,16 @@ class DDIM(Sampler):
     requires: tuple = ()
 
     def __init__(self, steps: int = 100, eta: float = 0.5, clip_x0: bool = False, log_every: int = 10):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"ddim: steps must be an integer in [1, T], got {steps!r}")
+        self.steps = validate_steps("ddim", steps)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"ddim: eta must be in [0, 1], got {eta}")
-        self.steps = steps
         self.eta = float(eta)
         self.clip_x0 = bool(clip_x0)
         self.log_every = max(1, int(log_every))
 
-    @torch.no_grad()
-    def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:
-        sch = prior.schedule
-        ts = timesteps(self.steps, "descending", T=sch.T)
-        shape = (y.shape[0],) + tuple(prior.shape)
-        x = rng.randn(shape, dtype=y.dtype).to(y.device)
-        last = len(ts) - 1
-        for i, (t, (a_t, a_s, c1, c2)) in enumerate(zip(ts, ddim_coefficients(sch, ts, self.eta))):
-            eps = prior.eps(x, t)
-            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-            if self.clip_x0:
-                x0 = x0.clamp(-1.0, 1.0)
-            x = math.sqrt(a_s) * x0 + c2 * eps
-            if c1 > 0:
-                x = x + c1 * rng.randn(shape, dtype=x.dtype).to(x.device)
-            if callback is not None and (i % self.log_every == 0 or i == last):
-                callback(i, {"t": t, "x0": x0})
-        return x
+    def update(self, ctx, i, t, x, a_t, a_s, y, operator, prior):
+        eps = prior.eps(x, t)
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if self.clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        return x0, eps, None, {"x0": x0}

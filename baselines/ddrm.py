@@ -25,8 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reddiff.diffusion import timesteps
-from reddiff.samplers.base import Sampler
+from reddiff.samplers.base import Sampler, validate_steps
 
 
 class DDRM(Sampler):
@@ -41,13 +40,13 @@ class DDRM(Sampler):
 
     name = "ddrm"
     requires = ("svd",)
+    gmm_hparams = {"eta": 1.0, "eta_b": 1.0}                    # GMM tuning seed (results/gmm_posterior.md)
+    gmm_tune_grid = {"eta": [0.5, 0.85, 1.0], "eta_b": [0.5, 1.0]}
 
     def __init__(self, steps: int = 20, eta: float = 0.85, eta_b: float = 1.0, log_every: int = 10):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"ddrm: steps must be an integer in [1, T], got {steps!r}")
         if not 0.0 <= float(eta) <= 1.0 or not 0.0 <= float(eta_b) <= 1.0:
             raise ValueError(f"ddrm: eta and eta_b must be in [0, 1], got {eta}, {eta_b}")
-        self.steps = steps
+        self.steps = validate_steps("ddrm", steps)
         self.eta = float(eta)
         self.eta_b = float(eta_b)
         self.log_every = max(1, int(log_every))
@@ -56,7 +55,7 @@ class DDRM(Sampler):
     def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:
         self.check(operator)
         sch = prior.schedule
-        ts = timesteps(self.steps, "descending", T=sch.T)
+        ts = self.timesteps(prior)
         B = y.shape[0]
         shape = (B,) + tuple(prior.shape)
         dtype, device = y.dtype, y.device
@@ -110,6 +109,6 @@ class DDRM(Sampler):
             noisier = eta_b * yb + (1 - eta_b) * x0b + (sig_s ** 2 - eta_b ** 2 * ny.square()).clamp_min(0).sqrt() * z
             out = torch.where(before, noisier, out)
             x = math.sqrt(a_s) * operator.V(out).reshape(shape)
-            if callback is not None and (i % self.log_every == 0 or i == last):
+            if callback is not None and self.should_log(i, last):
                 callback(i, {"t": t, "x0": x0})
         return x

@@ -40,25 +40,24 @@ the official ``exp.start_step``), e.g. ``start_t=500`` for the paper's SR runs: 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from reddiff.diffusion import ddim_coefficients, timesteps
 from reddiff.operators.base import SVDOperator
-from reddiff.samplers.base import Sampler, bcast
+from reddiff.samplers.base import DDIMFamily, bcast, validate_steps
 
 MODES = ("auto", "svd", "pinv")
 FORMS = ("score", "official")
 
 
-class PiGDM(Sampler):
+class PiGDM(DDIMFamily):
     """Pi-GDM sampler.
 
     Args:
         steps: denoising steps = network evaluations.
         eta: DDIM stochasticity (1.0 as the official batch scripts; 0 = deterministic).
-        guidance_weight: ``w`` (1.0, ANCHORS); a float or one value per batch item.
+        guidance_weight: ``w`` (1.0); a float or one value per batch item.
         start_t: ``S`` in ``[steps, T]``; ``None`` = ``T`` (full chain).  The chain starts from ``H^+(y)``
             noised to the largest visited timestep, ``S - S // steps``.
         mode: ``auto`` (closed form for SVD operators, pseudo-inverse form otherwise), ``svd`` (require SVD) or
@@ -69,11 +68,17 @@ class PiGDM(Sampler):
 
     name = "pigdm"
     requires: tuple = ()
+    needs_grad = True
+    per_item = ("guidance_weight",)
+    gmm_hparams = {"guidance_weight": 0.25, "eta": 1.0, "form": "score"}   # GMM tuning seed (results/gmm_posterior.md)
+    gmm_tune_grid = {"guidance_weight": [0.1, 0.25, 0.5, 1.0], "eta": [0.5, 1.0]}
+    # exact for a standard-normal prior (r_t^2 = 1 - a_t is then Cov[x0 | x_t]); discretisation error at 200 steps
+    exact_gaussian = {"overrides": {"steps": 200, "form": "score", "eta": 1.0}, "prior": "standard",
+                      "mean_tol": 0.05, "cov_tol": 0.1}
 
     def __init__(self, steps: int = 100, eta: float = 1.0, guidance_weight=1.0, start_t: Optional[int] = None,
                  mode: str = "auto", form: str = "score", log_every: int = 10):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"pigdm: steps must be an integer in [1, T], got {steps!r}")
+        self.steps = validate_steps("pigdm", steps)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"pigdm: eta must be in [0, 1], got {eta}")
         if mode not in MODES:
@@ -82,7 +87,6 @@ class PiGDM(Sampler):
             raise ValueError(f"pigdm: form must be one of {FORMS}, got {form!r}")
         if start_t is not None and (not isinstance(start_t, int) or start_t < steps):
             raise ValueError(f"pigdm: start_t must be an integer >= steps ({steps}), got {start_t!r}")
-        self.steps = steps
         self.eta = float(eta)
         self.guidance_weight = (float(guidance_weight) if isinstance(guidance_weight, (int, float))
                                 else [float(w) for w in guidance_weight])
@@ -91,69 +95,61 @@ class PiGDM(Sampler):
         self.form = form
         self.log_every = max(1, int(log_every))
 
-    def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:
-        self.check(operator)
+    def schedule_T(self, prior) -> int:
+        S = prior.schedule.T if self.start_t is None else self.start_t
+        if S > prior.schedule.T:
+            raise ValueError(f"pigdm: start_t must be <= T = {prior.schedule.T}, got {S}")
+        return S
+
+    def prepare(self, y, operator, prior):
         if self.mode == "svd":
             operator.require("svd", self.name)
-        use_svd = self.form == "score" and self.mode != "pinv" and isinstance(operator, SVDOperator)
-        sch = prior.schedule
-        S = sch.T if self.start_t is None else self.start_t
-        if S > sch.T:
-            raise ValueError(f"pigdm: start_t must be <= T = {sch.T}, got {S}")
-        ts = timesteps(self.steps, "descending", T=S)
         B = y.shape[0]
-        shape = (B,) + tuple(prior.shape)
+        shape = self.sample_shape(y, prior)
         if isinstance(self.guidance_weight, list) and len(self.guidance_weight) != B:
             raise ValueError(f"pigdm: per-item guidance_weight has {len(self.guidance_weight)} values for a batch of {B}")
-
         x_pinv = operator.pinv(y).detach()
         if tuple(x_pinv.shape) != shape:
             raise ValueError(f"pigdm: pinv(y) has shape {tuple(x_pinv.shape)}, prior samples are {shape}")
-        w = bcast(torch.as_tensor(self.guidance_weight, dtype=torch.float64), x_pinv)
-        sigma2 = float(operator.noise_std) ** 2
-
-        if use_svd:
+        ctx = {"x_pinv": x_pinv, "shape": shape, "sigma2": float(operator.noise_std) ** 2,
+               "w": bcast(torch.as_tensor(self.guidance_weight, dtype=torch.float64), x_pinv),
+               "use_svd": self.form == "score" and self.mode != "pinv" and isinstance(operator, SVDOperator)}
+        if ctx["use_svd"]:
             s = operator.singulars().to(x_pinv)
             s = s.reshape(1, -1) if s.ndim == 1 else s           # (1 or B, k)
             s_m = s.new_zeros(s.shape[0], operator.y_numel())     # singulars padded to the measurement size m
             s_m[:, : s.shape[1]] = s
-            obs = s_m > 0
+            ctx.update(s_m=s_m, obs=s_m > 0)
+        return ctx
 
-        consts = ddim_coefficients(sch, ts, self.eta)
-
+    def start(self, ctx, y, operator, prior, rng, ts, consts):
         a0 = consts[0][0]
-        x = math.sqrt(a0) * x_pinv + math.sqrt(1 - a0) * rng.randn(shape, dtype=y.dtype).to(y.device)
-        last = len(ts) - 1
-        for i, t in enumerate(ts):
-            a_t, a_s, c1, c2 = consts[i]
-            r2 = 1.0 - a_t
-            with torch.enable_grad():
-                xg = x.detach().requires_grad_(True)
-                eps = prior.eps(xg, t)
-                x0 = (xg - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-                x0d = x0.detach()
-                if use_svd:
-                    # H^T (r^2 H H^T + sigma^2 I)^{-1} r = adjoint(U(D * Ut(r))), D = 1/(r^2 s^2 + sigma^2) on s > 0
-                    # (H^T kills the s = 0 directions); no V needed: O(B m d) for dense operators
-                    den = torch.where(obs, r2 * s_m.square() + sigma2, torch.ones_like(s_m))
-                    D = torch.where(obs, 1.0 / den, torch.zeros_like(s_m))
-                    v = operator.adjoint(operator.U(D * operator.Ut(y - operator.forward(x0d)))).reshape(shape)
-                else:
-                    v = x_pinv - operator.pinv(operator.forward(x0d))
-                    if self.form == "score":
-                        v = v / r2
-                (g,) = torch.autograd.grad((v * x0).sum(), xg)   # VJP: J^T v
-            eps = eps.detach()
-            if self.form == "score":
-                x0c = x0d + w * ((1 - a_t) / math.sqrt(a_t)) * g
-                eps_c = eps - w * math.sqrt(1 - a_t) * g
-                x_new = math.sqrt(a_s) * x0c + c2 * eps_c
+        return math.sqrt(a0) * ctx["x_pinv"] + math.sqrt(1 - a0) * rng.randn(ctx["shape"], dtype=y.dtype).to(y.device)
+
+    def update(self, ctx, i, t, x, a_t, a_s, y, operator, prior):
+        r2 = 1.0 - a_t
+        w = ctx["w"]
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            eps = prior.eps(xg, t)
+            x0 = (xg - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            x0d = x0.detach()
+            if ctx["use_svd"]:
+                # H^T (r^2 H H^T + sigma^2 I)^{-1} r = adjoint(U(D * Ut(r))), D = 1/(r^2 s^2 + sigma^2) on s > 0
+                # (H^T kills the s = 0 directions); no V needed: O(B m d) for dense operators
+                s_m, obs = ctx["s_m"], ctx["obs"]
+                den = torch.where(obs, r2 * s_m.square() + ctx["sigma2"], torch.ones_like(s_m))
+                D = torch.where(obs, 1.0 / den, torch.zeros_like(s_m))
+                v = operator.adjoint(operator.U(D * operator.Ut(y - operator.forward(x0d)))).reshape(ctx["shape"])
             else:
-                x0c = x0d
-                x_new = math.sqrt(a_s) * x0d + c2 * eps + w * math.sqrt(a_s * a_t) * g
-            if c1 > 0:
-                x_new = x_new + c1 * rng.randn(shape, dtype=x.dtype).to(x.device)
-            if callback is not None and (i % self.log_every == 0 or i == last):
-                callback(i, {"t": t, "x0": x0c, "guidance_norm": g.reshape(B, -1).norm(dim=1)})
-            x = x_new
-        return x.detach()
+                v = ctx["x_pinv"] - operator.pinv(operator.forward(x0d))
+                if self.form == "score":
+                    v = v / r2
+            (g,) = torch.autograd.grad((v * x0).sum(), xg)   # VJP: J^T v
+        eps = eps.detach()
+        info = {"guidance_norm": g.reshape(y.shape[0], -1).norm(dim=1)}
+        if self.form == "score":
+            x0c = x0d + w * ((1 - a_t) / math.sqrt(a_t)) * g
+            eps_c = eps - w * math.sqrt(1 - a_t) * g
+            return x0c, eps_c, None, {"x0": x0c, **info}
+        return x0d, eps, w * math.sqrt(a_s * a_t) * g, {"x0": x0d, **info}

@@ -23,7 +23,7 @@ Schedule: the DDPM linear schedule of the image priors (beta 1e-4 -> 0.02, T = 1
 the MCGdiff script instead builds ``alphas_cumprod`` from a reversed, decreasing beta sequence
 (``linspace(0.02, 1e-4, 999)`` preceded by 1).
 
-Hyperparameters: :data:`HPARAMS`, chosen once per sampler by ``--tune`` on problems drawn from a separate seed
+Hyperparameters: each sampler class's ``gmm_hparams`` (its tuning grid: ``gmm_tune_grid``), chosen once per sampler by ``--tune`` on problems drawn from a separate seed
 (:data:`TUNE_SEED`), never on the reported problems (results/gmm_posterior.md documents the procedure).
 """
 from __future__ import annotations
@@ -37,35 +37,35 @@ import platform
 import re
 import sys
 import time
+import zlib
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from reddiff import registry
 from reddiff.diffusion import Schedule
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gmm import GaussianMixturePrior, GMMProblem, mcgdiff_problem
 from reddiff.rng import BatchRNG
 
-SAMPLERS = ("reddiff", "dps", "pigdm", "ddrm")
 REFERENCES = ("exact", "prior")
 TUNE_SEED = 1_000_003
 
-#: Hyperparameters, fixed for every cell (chosen once per sampler with ``--tune``; see results/gmm_posterior.md).
-HPARAMS: dict[str, dict] = {
-    "reddiff": {"lr": 4.0, "lam": 0.25, "sigma_x0": 0.0, "weighting": "linear", "sigma_aware": True},
-    "dps": {"zeta": 0.3, "eta": 1.0},
-    "pigdm": {"guidance_weight": 0.25, "eta": 1.0, "form": "score"},
-    "ddrm": {"eta": 1.0, "eta_b": 1.0},
-}
 
-#: The grids ``--tune`` searches (one sampler at a time, the other hyperparameters at their HPARAMS value).
-TUNE_GRID: dict[str, dict[str, list]] = {
-    "reddiff": {"lr": [1.0, 2.0, 4.0, 8.0], "lam": [0.25, 1.0, 4.0], "sigma_x0": [0.0, 1.0]},
-    "dps": {"zeta": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]},
-    "pigdm": {"guidance_weight": [0.1, 0.25, 0.5, 1.0], "eta": [0.5, 1.0]},
-    "ddrm": {"eta": [0.5, 0.85, 1.0], "eta_b": [0.5, 1.0]},
-}
+def gmm_samplers() -> list[str]:
+    """The samplers of the registry that declare GMM settings (``Sampler.gmm_hparams``); others run only by name."""
+    return [n for n in registry.sampler_names() if registry.sampler_class(n).gmm_hparams is not None]
+
+
+def hparams(name: str) -> dict:
+    """The sampler's fixed GMM hyperparameters (its class's ``gmm_hparams``, chosen once with ``--tune``)."""
+    return dict(registry.sampler_class(name).gmm_hparams or {})
+
+
+def sampler_stream(name: str) -> int:
+    """A per-sampler random stream id that depends on the name only (not on registry order)."""
+    return 10 + zlib.crc32(name.encode())
 
 
 # ------------------------------------------------------------------------------------------ seeds
@@ -191,24 +191,14 @@ def problem_operator(pb: GMMProblem) -> HouseholderMatrixOperator:
 
 # ------------------------------------------------------------------------------------------ samplers
 def build_sampler(name: str, steps: int, **overrides):
-    hp = {**HPARAMS[name], **overrides}
-    if name == "reddiff":
-        from reddiff.samplers.reddiff import REDDiff
+    """Sampler ``name`` of the registry with its GMM hyperparameters, ``steps`` (when it takes one) and overrides."""
+    import inspect
 
-        return REDDiff(steps=steps, **hp)
-    if name == "dps":
-        from baselines.dps import DPS
-
-        return DPS(steps=steps, **hp)
-    if name == "pigdm":
-        from baselines.pigdm import PiGDM
-
-        return PiGDM(steps=steps, **hp)
-    if name == "ddrm":
-        from baselines.ddrm import DDRM
-
-        return DDRM(steps=steps, **hp)
-    raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    cls = registry.sampler_class(name)
+    hp = {**hparams(name), **overrides}
+    if "steps" in inspect.signature(cls.__init__).parameters:
+        hp.setdefault("steps", steps)
+    return cls(**hp)
 
 
 # ------------------------------------------------------------------------------------------ problems
@@ -248,7 +238,7 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     ``mode_tv`` (total variation between the sampler's and the exact samples' mode histograms) and
     ``spread`` (mean squared distance to the nearest mode divided by the same for the exact samples);
     ``mode_tv_to_prior`` compares the mode histogram with the prior weights instead (small: the data were ignored
-    when choosing modes).  ``overrides[name]`` replaces some of :data:`HPARAMS` for sampler ``name`` (ablations).
+    when choosing modes).  ``overrides[name]`` replaces some of the class's ``gmm_hparams`` for sampler ``name`` (ablations).
     """
     torch.set_num_threads(threads)
     schedule = Schedule()
@@ -287,7 +277,7 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     y = pb.y.to(torch.float32)[None, :].expand(samples, d_y).contiguous()
     for name in samplers:
         sampler = build_sampler(name, steps, **(overrides or {}).get(name, {}))
-        rng = BatchRNG(_seed(seed, d, d_y, p, 10 + SAMPLERS.index(name)), per_item=False)
+        rng = BatchRNG(_seed(seed, d, d_y, p, sampler_stream(name)), per_item=False)
         t0 = time.perf_counter()
         X = sampler.sample(y, op, prior, rng)
         score(name, X, time.perf_counter() - t0)
@@ -367,7 +357,10 @@ def run_all(dims: Sequence[int], dims_y: Sequence[int], *, problems: int, sample
 # ------------------------------------------------------------------------------------------ reporting
 def markdown_table(res: dict) -> str:
     """The results table (mean ± 95% CI of SW_1; mean seconds per problem) from the benchmark JSON."""
-    names = [n for n in (*SAMPLERS, *REFERENCES) if any(n in c for dd in res["results"].values() for c in dd.values())]
+    present = {n for dd in res["results"].values() for c in dd.values() for n in c}
+    samplers = [n for n in registry.sampler_names() if n in present] + sorted(present - set(REFERENCES)
+                                                                            - set(registry.sampler_names()))
+    names = samplers + [n for n in REFERENCES if n in present]
     head = "| d | d_y | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names) + "\n"
     rows = []
     for d, by_dy in res["results"].items():
@@ -381,7 +374,7 @@ def markdown_table(res: dict) -> str:
                     vals.append(f"diverged ({c['n_nonfinite']} problems)")
                 else:
                     flag = ""
-                    if n in SAMPLERS and cell.get("prior", {}).get("sw_mean") is not None \
+                    if n in samplers and cell.get("prior", {}).get("sw_mean") is not None \
                             and c["sw_mean"] >= cell["prior"]["sw_mean"]:
                         flag = " **≥prior**"
                     vals.append(f"{c['sw_mean']:.3f} ± {c['sw_ci95']:.3f}{flag}")
@@ -406,13 +399,13 @@ def markdown_table(res: dict) -> str:
     paired = ["", "Paired comparison with the prior reference on the same problems: mean over problems of "
               "SW(prior) − SW(method) ± 1.96·std/√n, and the number of problems where the method is closer than "
               "the prior samples:", "",
-              "| d | d_y | " + " | ".join(n for n in names if n in SAMPLERS) + " |",
-              "|---|---|" + "---|" * len([n for n in names if n in SAMPLERS])]
+              "| d | d_y | " + " | ".join(samplers) + " |",
+              "|---|---|" + "---|" * len(samplers)]
     for d, by_dy in res["results"].items():
         for dy, cell in by_dy.items():
             vals = []
             for n in names:
-                if n not in SAMPLERS:
+                if n not in samplers:
                     continue
                 a, b = cell.get("prior", {}).get("sw_per_problem"), cell.get(n, {}).get("sw_per_problem")
                 if not a or not b or any(v is None for v in a + b):
@@ -440,8 +433,8 @@ def acceptance(res: dict) -> list[str]:
     for d, by_dy in res["results"].items():
         for dy, cell in by_dy.items():
             ref = cell.get("prior", {}).get("sw_mean")
-            for n in SAMPLERS:
-                if n in cell and (cell[n]["sw_mean"] is None or ref is None or cell[n]["sw_mean"] >= ref):
+            for n in cell:
+                if n not in REFERENCES and (cell[n]["sw_mean"] is None or ref is None or cell[n]["sw_mean"] >= ref):
                     bad.append(f"{n} at d={d}, d_y={dy}: {cell[n]['sw_mean']} vs prior {ref}")
     return bad
 
@@ -466,7 +459,7 @@ def plot_2d(kept: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in (*SAMPLERS, "exact", "prior") if n in kept]
+    names = [n for n in (*registry.sampler_names(), "exact", "prior") if n in kept]
     ref = kept["reference"].numpy()
     ncol = min(3, len(names))
     nrow = -(-len(names) // ncol)
@@ -535,15 +528,10 @@ def pigdm_covariance_table(dims: Sequence[int], dims_y: Sequence[int], problems:
 
 
 # ------------------------------------------------------------------------------------------ tuning
-#: hyperparameters a sampler accepts per batch item (one batched call runs several configurations)
-PER_ITEM_KEYS = {"reddiff": ("lr", "lam", "sigma_x0", "weighting", "obs_weight"), "dps": ("zeta",),
-                 "pigdm": ("guidance_weight",), "ddrm": ()}
-
-
 def _run_configs(name: str, configs: list[dict], y: torch.Tensor, n: int, op, prior, steps: int, rng_seed: int):
     """Samples ``(n, len(configs), d)``: configurations that differ only in per-item hyperparameters share one
     batched call (item ``b * K + k`` is sample ``b`` of configuration ``k``); the others run one call each."""
-    per = PER_ITEM_KEYS[name]
+    per = tuple(registry.sampler_class(name).per_item)
     groups: dict = {}
     for k, c in enumerate(configs):
         shared = tuple(sorted((key, v) for key, v in c.items() if key not in per))
@@ -554,7 +542,7 @@ def _run_configs(name: str, configs: list[dict], y: torch.Tensor, n: int, op, pr
         kw = dict(shared)
         for key in per:
             if any(key in configs[k] for k in idx):
-                vals = [configs[k].get(key, HPARAMS[name].get(key)) for k in idx]
+                vals = [configs[k].get(key, hparams(name).get(key)) for k in idx]
                 kw[key] = [vals[j] for _ in range(n) for j in range(K)]
         sampler = build_sampler(name, steps, **kw)
         rng = BatchRNG(_seed(rng_seed, g_i), per_item=False)
@@ -575,7 +563,9 @@ def tune(names: Sequence[str], *, dims: Sequence[int], dims_y: Sequence[int], pr
     schedule = Schedule()
     out: dict = {}
     for name in names:
-        grid = TUNE_GRID[name]
+        grid = dict(registry.sampler_class(name).gmm_tune_grid)
+        if not grid:
+            raise ValueError(f"{name}: its class declares no gmm_tune_grid")
         keys = list(grid)
         configs = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
         ratios = np.zeros((len(configs), len(dims) * len(dims_y)))
@@ -592,7 +582,7 @@ def tune(names: Sequence[str], *, dims: Sequence[int], dims_y: Sequence[int], pr
                 sw_prior[p] = sliced_wasserstein_sorted(
                     _sorted_projections(prior.sample(samples, _gen(seed, d, dy, p, 3)), theta), ref_sorted)[0]
                 X = _run_configs(name, configs, pb.y.to(torch.float32)[None, :], samples, op, prior, steps,
-                                 _seed(seed, d, dy, p, 10 + SAMPLERS.index(name)))
+                                 _seed(seed, d, dy, p, sampler_stream(name)))
                 for k in range(len(configs)):
                     sw[k, p] = (sliced_wasserstein_sorted(_sorted_projections(X[:, k], theta), ref_sorted)[0]
                                 if torch.isfinite(X[:, k]).all() else math.inf)
@@ -655,12 +645,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results JSON here")
-    ap.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated subset of " + ",".join(SAMPLERS))
+    ap.add_argument("--samplers", default=None,
+                    help="comma-separated registry names (default: every sampler that declares gmm_hparams)")
     ap.add_argument("--quick", action="store_true", help="smoke test: d 8,80; d_y 1,2; 3 problems; 500 samples; 50 steps")
     ap.add_argument("--md", default=None, help="update the generated table block of this markdown file")
     ap.add_argument("--md-tag", default="table", help="name of that block (<!-- TAG:start --> ... <!-- TAG:end -->)")
     ap.add_argument("--set", action="append", default=[], metavar="SAMPLER.KEY=VALUE",
-                    help="override a hyperparameter of HPARAMS (ablations; repeatable), e.g. --set dps.zeta=3")
+                    help="override a GMM hyperparameter of a sampler (ablations; repeatable), e.g. --set dps.zeta=3")
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="only rewrite the --md block (and print the tables) from an existing results JSON")
     ap.add_argument("--pigdm-cov", action="store_true",
@@ -673,10 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(max(1, args.threads))
-    samplers = [s for s in args.samplers.split(",") if s]
+    samplers = gmm_samplers() if args.samplers is None else [s for s in args.samplers.split(",") if s]
     for s in samplers:
-        if s not in SAMPLERS:
-            ap.error(f"unknown sampler {s!r}; valid: {', '.join(SAMPLERS)}")
+        if s not in registry.sampler_names():
+            ap.error(f"unknown sampler {s!r}; valid: {', '.join(registry.sampler_names())}")
     if args.quick:
         args.dims, args.dims_y, args.problems, args.samples, args.steps = [8, 80], [1, 2], 3, 500, 50
     for d in args.dims:
@@ -690,8 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides: dict = {}
     for item in args.set:
         m = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item)
-        if not m or m.group(1) not in SAMPLERS:
-            ap.error(f"--set needs SAMPLER.KEY=VALUE with SAMPLER in {SAMPLERS}, got {item!r}")
+        if not m or m.group(1) not in registry.sampler_names():
+            ap.error(f"--set needs SAMPLER.KEY=VALUE with SAMPLER in {registry.sampler_names()}, got {item!r}")
         try:
             value = json.loads(m.group(3))
         except json.JSONDecodeError:
@@ -747,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "problems": args.problems, "samples": args.samples, "steps": args.steps, "seed": args.seed,
                  "directions": 1000, "sw": "SW_1 = mean over directions of W_1 (sw2_*: sqrt(mean W_2^2))",
                  "schedule": "DDPM linear beta 1e-4..0.02, T=1000", "dtype": "float32 samplers, float64 exact",
-                 "hparams": {s: {**HPARAMS[s], **overrides.get(s, {})} for s in samplers},
+                 "hparams": {s: {**hparams(s), **overrides.get(s, {})} for s in samplers},
                  "threads": torch.get_num_threads(),
                  "workers": args.workers, "cpu_seconds": _cpu_seconds(),
                  "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},

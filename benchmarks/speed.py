@@ -1,12 +1,13 @@
 """Speed benchmark (DESIGN.md contract 4): each sampler's wall time against the cost of its network calls.
 
     python -m benchmarks.speed [--quick] [--json FILE] [--md FILE] [--prior embedded|adm256-random|ffhq256-random]
-                               [--batch 1,8] [--steps 100] [--ddrm-steps 20] [--samplers reddiff,dps,pigdm,ddrm,ddim]
+                               [--batch 1,8] [--steps N] [--samplers reddiff,dps,...]
                                [--dtype fp32|bf16|fp16] [--channels-last] [--compile] [--device cpu|cuda|auto]
                                [--threads N] [--repeats 1] [--forward-repeats 7] [--sweep-steps 10] [--jobs 1]
 
 Task: ``sr4`` (x4 block average, conf/task/sr4.yaml) on the demo images (reddiff/assets/demo, 64x64; random images
-if they are missing or the prior is not 64x64), ``--steps`` steps (DDRM ``--ddrm-steps``).
+if they are missing or the prior is not 64x64), each sampler's default step count from its
+``conf/sampler`` YAML (``--steps`` sets one for all).  The samplers and their limits come from ``reddiff.registry``.
 
 **Every measurement runs in its own subprocess** (so peak RSS values do not mix), one at a time (``--jobs 1``):
 
@@ -72,16 +73,33 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: name -> (module, class, kind of the bare call it is compared with)
-SAMPLERS = {
-    "reddiff": ("reddiff.samplers.reddiff", "REDDiff", "no_grad"),
-    "dps": ("baselines.dps", "DPS", "fwd_bwd"),
-    "pigdm": ("baselines.pigdm", "PiGDM", "fwd_bwd"),
-    "ddrm": ("baselines.ddrm", "DDRM", "no_grad"),
-    "ddim": ("baselines.ddim", "DDIM", "no_grad"),
-}
-#: acceptance targets (2-core CPU, embedded prior, batch 8, 100 steps)
-TARGETS = {"reddiff": 1.05, "ddrm": 1.05, "ddim": 1.05, "dps": 1.10, "pigdm": 1.10}
+def speed_samplers() -> list[str]:
+    """Every registry sampler that calls the network (its YAML has ``steps``); ``pinv`` and the like are free."""
+    from reddiff import registry
+
+    return [n for n in registry.sampler_names() if "steps" in registry.sampler_config(n)]
+
+
+def forward_kind(name: str) -> str:
+    """The bare call a sampler is compared with: ``fwd_bwd`` when it differentiates through the network."""
+    from reddiff import registry
+
+    return "fwd_bwd" if registry.sampler_info(name)["needs_grad"] else "no_grad"
+
+
+def target(name: str) -> float:
+    """The sampler's wall/forward limit (1.05, or 1.10 with a network gradient; ``reddiff.registry``)."""
+    from reddiff import registry
+
+    return registry.sampler_info(name)["speed_limit"]
+
+
+def default_steps(name: str) -> int:
+    from reddiff import registry
+
+    return int(registry.sampler_config(name)["steps"])
+
+
 RSS_TARGET = 1.15
 SWEEP_TARGET = 0.4
 SWEEP_CONFIGS = [{"lam": 0.25, "lr": 0.25}, {"lam": 0.25, "lr": 0.5}, {"lam": 1.0, "lr": 0.25}, {"lam": 1.0, "lr": 0.5}]
@@ -180,22 +198,22 @@ def load_images(batch: int, resolution: int, device, seed: int = 0):
 
 
 def make_sampler(name: str, steps: int):
-    import importlib
+    """The sampler's class with its constructor defaults and ``steps``."""
+    from reddiff import registry
 
-    module, cls, _ = SAMPLERS[name]
-    return getattr(importlib.import_module(module), cls)(steps=steps)
+    return registry.sampler_class(name)(steps=steps)
 
 
 def import_all_samplers() -> dict:
     """Import every sampler module (the same imports in every worker, so baseline memory is comparable)."""
-    import importlib
+    from reddiff import registry
 
     missing = {}
-    for name, (module, cls, _) in SAMPLERS.items():
+    for name in speed_samplers():
         try:
-            getattr(importlib.import_module(module), cls)
+            registry.sampler_class(name)
         except Exception as e:  # noqa: BLE001 - reported as missing
-            missing[name] = f"{module}.{cls} not importable: {type(e).__name__}: {e}"
+            missing[name] = f"sampler {name} not importable: {type(e).__name__}: {e}"
     return missing
 
 
@@ -304,8 +322,8 @@ def worker_sampler(spec: dict) -> dict:
     from reddiff.rng import BatchRNG
 
     name, batch = spec["sampler"], spec["batch"]
-    steps = spec["ddrm_steps"] if name == "ddrm" else spec["steps"]
-    kind = SAMPLERS[name][2]
+    steps = spec["steps"][name]
+    kind = forward_kind(name)
     prior, op, x, y, indices, source = _problem(spec, batch)
     dev = x.device
     # warm-up: a short run of the same sampler on the same batch (lazy initialisations, allocator, caches)
@@ -481,14 +499,14 @@ def launch(spec: dict, timeout: float) -> dict:
 
 def build_specs(a) -> list[dict]:
     common = {"prior": a.prior, "device": a.device, "dtype": a.dtype, "channels_last": a.channels_last,
-              "compile": a.compile, "threads": a.threads, "steps": a.steps, "ddrm_steps": a.ddrm_steps,
+              "compile": a.compile, "threads": a.threads, "steps": a.steps,
               "repeats": a.repeats, "forward_repeats": a.forward_repeats, "warmup": a.warmup, "loop_calls": a.loop_calls,
               "sweep_steps": a.sweep_steps, "sweep_repeats": a.sweep_repeats}
     specs = []
     for b in (a.batch if a.samplers else []):
         for s in a.samplers:
             specs.append({**common, "mode": "sampler", "sampler": s, "batch": b})
-        kinds = sorted({SAMPLERS[s][2] for s in a.samplers} | {"no_grad"})
+        kinds = sorted({forward_kind(s) for s in a.samplers} | {"no_grad"})
         for k in kinds:
             specs.append({**common, "mode": "loop", "kind": k, "batch": b})
     if not a.no_sweep:
@@ -507,7 +525,7 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
         for spec, res in zip(specs, results):
             if spec["mode"] == "sampler" and spec["sampler"] == s:
                 res = dict(res)
-                ref = loops.get(SAMPLERS[s][2], {}).get(str(spec["batch"]), {})
+                ref = loops.get(forward_kind(s), {}).get(str(spec["batch"]), {})
                 if "peak_rss_mb" in res and ref.get("peak_rss_mb"):
                     res["rss_over_bare_loop"] = res["peak_rss_mb"] / ref["peak_rss_mb"]
                 by_batch[str(spec["batch"])] = res
@@ -531,7 +549,7 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
         for b, r in e["by_batch"].items():
             if r.get("wall_over_forward") is not None:
                 checks.append({"check": f"{s} wall_over_forward (batch {b})", "value": r["wall_over_forward"],
-                               "target": TARGETS[s], "pass": r["wall_over_forward"] <= TARGETS[s]})
+                               "target": target(s), "pass": r["wall_over_forward"] <= target(s)})
     if "reddiff" in a.samplers and "by_batch" in out["reddiff"]:
         for b, r in out["reddiff"]["by_batch"].items():
             if r.get("rss_over_bare_loop") is not None:
@@ -544,9 +562,9 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
     out["meta"] = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                    "machine": machine(), "quick": a.quick, "prior": a.prior, "dtype": a.dtype,
                    "channels_last": a.channels_last, "compile": a.compile, "task": "sr4",
-                   "batches": a.batch, "steps": a.steps, "ddrm_steps": a.ddrm_steps, "repeats": a.repeats,
+                   "batches": a.batch, "steps": a.steps, "repeats": a.repeats,
                    "forward_repeats": a.forward_repeats, "warmup": a.warmup, "threads": a.threads, "jobs": a.jobs,
-                   "samplers": list(a.samplers), "targets": {"wall_over_forward": TARGETS, "rss": RSS_TARGET,
+                   "samplers": list(a.samplers), "targets": {"wall_over_forward": {n: target(n) for n in a.samplers}, "rss": RSS_TARGET,
                                                              "sweep": SWEEP_TARGET},
                    "checks": checks, "total_wall_s": round(wall, 1)}
     return out
@@ -566,7 +584,7 @@ def markdown(res: dict) -> str:
          f"threads {m['threads'] or mach['default_threads']}" + (f", GPU {mach['cuda']}" if mach["cuda"] else "")
          + (f"; load average at the end {', '.join(f'{x:.1f}' for x in mach['load_average'])}"
             if mach.get("load_average") else "") + "  ",
-         f"Task: sr4 (x4 block average) on the {m['prior']} prior, {m['steps']} steps (DDRM {m['ddrm_steps']}), "
+         f"Task: sr4 (x4 block average) on the {m['prior']} prior, steps {', '.join(f'{k} {v}' for k, v in m['steps'].items())}, "
          f"dtype {m['dtype']}{', channels_last' if m['channels_last'] else ''}{', torch.compile' if m['compile'] else ''}; "
          f"median of {m['repeats']} timed run(s) after a {m['warmup']}-step warm-up, bare call median of "
          f"{m['forward_repeats']} after {m['warmup']} warm-up call(s)."
@@ -595,7 +613,7 @@ def markdown(res: dict) -> str:
                      f"{_f(r.get('wall_over_network_time'))} | "
                      f"{_f(r['overhead_ms_per_step'], '{:.1f}')} | "
                      f"{_f(r['images_per_second'], '{:.3f}')} | {_f(r['peak_rss_mb'], '{:.0f}')} | "
-                     f"{_f(r.get('rss_over_bare_loop'))} | {TARGETS[s]} |")
+                     f"{_f(r.get('rss_over_bare_loop'))} | {target(s)} |")
         L.append("")
         for kind, byb in res["bare_forward"].items():
             r = byb.get(str(b))
@@ -642,9 +660,10 @@ def parse_args(argv=None):
     p.add_argument("--no-md", action="store_true", help="no Markdown report")
     p.add_argument("--prior", default="embedded", choices=PRIORS)
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--steps", type=int, default=None, help="steps of every sampler but DDRM (default 100)")
-    p.add_argument("--ddrm-steps", type=int, default=None, help="DDRM steps (default 20)")
-    p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated subset, or none (sweep only)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps of every sampler (default: each sampler's conf/sampler default, e.g. 100, DDRM 20)")
+    p.add_argument("--samplers", default=None,
+                   help="comma-separated subset (default: every registry sampler that calls the network), or none")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (fp32: off)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (slow to compile on CPU)")
@@ -663,7 +682,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     q = a.quick
-    defaults = {"batch": "1" if q else "1,8", "steps": 2 if q else 100, "ddrm_steps": 2 if q else 20,
+    defaults = {"batch": "1" if q else "1,8", "steps": 2 if q else None,
                 "repeats": 1, "forward_repeats": 2 if q else 7, "warmup": 1 if q else 2, "loop_calls": 2 if q else 5,
                 "sweep_steps": 2 if q else 10, "sweep_repeats": 1 if q else 3, "jobs": 2 if q else 1,
                 "threads": 1 if q else None}
@@ -671,11 +690,14 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.batch = [int(b) for b in str(a.batch).split(",") if b.strip()]
-    a.samplers = [s.strip() for s in a.samplers.split(",") if s.strip() and s.strip() != "none"]
-    unknown = [s for s in a.samplers if s not in SAMPLERS]
+    known = speed_samplers()
+    a.samplers = (known if a.samplers is None else
+                  [s.strip() for s in a.samplers.split(",") if s.strip() and s.strip() != "none"])
+    unknown = [s for s in a.samplers if s not in known]
     if unknown:
-        p.error(f"unknown samplers {unknown}; known: {', '.join(SAMPLERS)}")
-    if (any(b < 1 for b in a.batch) or min(a.steps, a.ddrm_steps, a.repeats, a.forward_repeats, a.warmup,
+        p.error(f"unknown samplers {unknown}; known: {', '.join(known)}")
+    a.steps = {s: (a.steps if a.steps is not None else default_steps(s)) for s in a.samplers}
+    if (any(b < 1 for b in a.batch) or min([*a.steps.values(), 1]) < 1 or min(a.repeats, a.forward_repeats, a.warmup,
                                               a.loop_calls, a.sweep_steps, a.sweep_repeats) < 1):
         p.error("batch sizes, steps and repeats must be >= 1")
     return a

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from reddiff.operators import (NEEDS_WEIGHTS, NONLINEAR_TASKS, SVD_TASKS, TASK_DIR, TASKS, LinearOperator,
-                               SVDOperator, build_operator, operator_class, task_names)
+from reddiff import registry
+from reddiff.operators import LinearOperator, SVDOperator, build_operator, operator_class, task_names
 from reddiff.operators.bkse import KernelWizard, NonlinearBlur, load_bkse_state_dict
 from reddiff.operators.inpainting import FreeformInpainting, RandomInpainting
 from reddiff.operators.motion import MotionBlur
@@ -23,9 +23,19 @@ from reddiff.weights import MissingWeightsError
 torch.set_num_threads(1)
 DT = torch.float64
 RES = (32, 64)
+TASK_DIR = registry.conf_dir() / "task"
+NEEDS_WEIGHTS = {t: registry.task_info(t)["needs_weights"] for t in task_names() if registry.task_info(t)["needs_weights"]}
+SVD_TASKS = [t for t in task_names() if registry.task_info(t)["svd"]]
+NONLINEAR_TASKS = [t for t in task_names() if not registry.task_info(t)["linear"]]
 IMAGE_TASKS = [t for t in task_names() if t not in NEEDS_WEIGHTS]  # buildable without user files
 LINEAR = [t for t in IMAGE_TASKS if t in SVD_TASKS]
-HPARAM_KEYS = {"reddiff": {"lr", "lam"}, "dps": {"zeta"}, "pigdm": {"start_t"}, "ddrm": {"eta", "eta_b"}}
+
+
+def sampler_params(name: str) -> set:
+    """Constructor parameters of a registered sampler (what a task's ``hparams.<sampler>`` block may set)."""
+    import inspect
+
+    return set(inspect.signature(registry.sampler_class(name).__init__).parameters) - {"self"}
 
 
 def _x(B, n, seed=0, C=3):
@@ -59,20 +69,20 @@ def rel(a, b):
 
 # ------------------------------------------------------------------------------------------- registry
 def test_registry_covers_every_yaml():
-    assert sorted(p.stem for p in TASK_DIR.glob("*.yaml")) == sorted(TASKS)
-    assert set(SVD_TASKS) | set(NONLINEAR_TASKS) == set(TASKS)
+    assert sorted(p.stem for p in TASK_DIR.glob("*.yaml")) == task_names()
+    assert set(SVD_TASKS) | set(NONLINEAR_TASKS) == set(task_names())
 
 
 @pytest.mark.parametrize("name", task_names())
 def test_task_yaml_contract(name):
     raw = OmegaConf.load(TASK_DIR / f"{name}.yaml")
     assert raw.name == name
-    assert raw.operator._target_ == TASKS[name]
+    cls = operator_class(name)
+    assert raw.operator._target_ == f"{cls.__module__}.{cls.__qualname__}"
     assert OmegaConf.to_container(raw.operator)["sigma_y"] == "${task.sigma_y}"
     assert raw.sigma_y == (0.1 if name == "denoise" else 0.0)
     for sampler, params in OmegaConf.to_container(raw.get("hparams", {})).items():
-        assert sampler in HPARAM_KEYS and set(params) <= HPARAM_KEYS[sampler], (sampler, params)
-    cls = operator_class(name)
+        assert sampler in registry.sampler_names() and set(params) <= sampler_params(sampler), (sampler, params)
     assert issubclass(cls, SVDOperator) == (name in SVD_TASKS)
     assert issubclass(cls, LinearOperator) == (name in SVD_TASKS)
     if name not in NEEDS_WEIGHTS:

@@ -442,16 +442,28 @@ def test_pinv_and_bicubic():
 
 
 # ---------------------------------------------------------------------------------------------------------- batch == loop
-def _samplers():
-    return [REDDiff(steps=30, sigma_x0=0.1), PiGDM(steps=30), DDRM(steps=10), DPS(steps=30, zeta=0.3),
-            DDIM(steps=30), Pinv()]
+def _sampler(name):
+    """Every registered sampler with a 30-step chain (and its own test settings); RED-diff with sigma_x0 > 0 so that
+    both of its noise streams are exercised."""
+    from reddiff import registry
+
+    kw = {"steps": 30} if "steps" in registry.sampler_config(name) else {}
+    kw.update(registry.sampler_class(name).test_overrides)
+    kw.update({"reddiff": {"sigma_x0": 0.1}, "dps": {"zeta": 0.3}}.get(name, {}))
+    return registry.build_sampler(name, **kw)
 
 
-@pytest.mark.parametrize("idx", range(6))
-def test_batch_equals_loop_elementwise_bitwise(idx):
+def _names():
+    from reddiff import registry
+
+    return registry.sampler_names()
+
+
+@pytest.mark.parametrize("name", _names())
+def test_batch_equals_loop_elementwise_bitwise(name):
     """4-D images, per-image masks and a diagonal prior (all elementwise): a batch of 4 equals four batches of 1
     under the same per-item seeds, bitwise."""
-    smp = _samplers()[idx]
+    smp = _sampler(name)
     prior = GaussianPrior(shape=(1, 4, 4), mean=torch.linspace(-1, 1, 16), cov=torch.linspace(0.1, 1.0, 16))
     op = MaskOperator(sigma_y=0.05, keep=0.5).setup(range(4), (4, 1, 4, 4))
     y = op.measure(prior.sample(4, BatchRNG(7)), BatchRNG([20, 21, 22, 23]))
@@ -464,12 +476,12 @@ def test_batch_equals_loop_elementwise_bitwise(idx):
     assert torch.equal(xb, torch.cat(xl)), type(smp).__name__
 
 
-@pytest.mark.parametrize("idx", range(6))
-def test_batch_equals_loop_dense_float64(idx):
+@pytest.mark.parametrize("name", _names())
+def test_batch_equals_loop_dense_float64(name):
     """Dense MatrixOperator and full-covariance prior: BLAS sums in a different order for a batch of 1 (gemv) and
     of 4 (gemm), so results agree to rounding, not bitwise: asserted 1e-9 in float64 (a wrong per-item random
     stream would differ by O(1))."""
-    smp = _samplers()[idx]
+    smp = _sampler(name)
     g = torch.Generator().manual_seed(3)
     d, m = 8, 3
     L = torch.randn(d, d, generator=g, dtype=torch.float64)

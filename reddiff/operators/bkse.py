@@ -155,6 +155,8 @@ class NonlinearBlur(ImageOpMixin, Operator):
     """
 
     name = "deblur_nonlinear"
+    #: the reddiff.weights registry entry this operator cannot run without (the registry reports it)
+    weights_name = "bkse_gopro"
     per_image = True
 
     def __init__(self, sigma_y: float = 0.0, weights: str = "bkse_gopro", kernel_std: float = 1.2, seed: int = 0,
