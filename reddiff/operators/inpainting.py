@@ -27,6 +27,9 @@ module draws its own Palette / DeepFill-v2-style brush strokes.  All lengths sca
 Colorization: ``y = mean over channels`` (B, 1, H, W); per pixel the row (1/3, 1/3, 1/3) has the single singular
 value 1/sqrt(3); ``Vt`` applies the orthonormal Helmert basis per pixel (first the luminance direction
 (1,1,1)/sqrt(3), then (1,-1,0)/sqrt(2) and (1,1,-2)/sqrt(6)); the first H*W entries pair with the singular values.
+``weights`` (compat): another row w, e.g. the official DDRM/RED-diff ``[0.3333, 0.3334, 0.3333]``
+(DDRM ``functions/svd_replacement.py:233``, RED-diff ``utils/degredations.py:390``, code): singular ``|w|``, first
+basis row ``w/|w|`` completed by QR, pinv ``y w/|w|^2``.
 Denoising: ``H = identity`` (default ``sigma_y = 0.1``, i.e. noise std 0.2 in model units).
 """
 from __future__ import annotations
@@ -295,16 +298,31 @@ class Colorization(ImageOpMixin, SVDOperator):
 
     name = "colorization"
 
-    def __init__(self, sigma_y: float = 0.0):
+    def __init__(self, sigma_y: float = 0.0, weights=None):
         super().__init__(sigma_y=sigma_y)
         self._master = None
+        self.weights = None
+        if weights is not None:
+            w = [float(v) for v in weights]
+            if len(w) != 3 or not all(math.isfinite(v) for v in w) or not any(w):
+                raise ValueError(f"{self.name}: weights must be 3 finite numbers, not all 0, got {list(weights)}")
+            if w != [1.0 / 3.0] * 3:
+                self.weights = w
 
     def setup(self, indices, x_shape, device=None, dtype=None):
         B, C, n = self._bind(indices, x_shape, device, dtype, channels=3)
-        Q = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]], dtype=torch.float64)
-        Q = Q / Q.norm(dim=1, keepdim=True)  # rows: orthonormal basis, first = luminance direction
+        if self.weights is None:
+            Q = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]], dtype=torch.float64)
+            Q = Q / Q.norm(dim=1, keepdim=True)  # rows: orthonormal basis, first = luminance direction
+            s = 1.0 / math.sqrt(3.0)
+        else:
+            w = torch.tensor(self.weights, dtype=torch.float64)
+            s = float(w.norm())
+            Q = torch.linalg.qr(torch.cat([(w / s).reshape(3, 1), torch.eye(3, dtype=torch.float64)[:, :2]], 1))[0].T
+            Q = Q * torch.sign(Q[:1] @ w).reshape(1, 1)  # first row = +w/|w|
+            self._master["w"] = w
         self._master["Qt"] = Q  # Vt per pixel
-        self._master["s"] = torch.full((n * n,), 1.0 / math.sqrt(3.0), dtype=torch.float64)
+        self._master["s"] = torch.full((n * n,), s, dtype=torch.float64)
         return self
 
     @property
@@ -321,14 +339,21 @@ class Colorization(ImageOpMixin, SVDOperator):
 
     def forward(self, x):
         self._check_x(x)
+        if self.weights is not None:
+            return torch.einsum("c,bchw->bhw", self._t("w", x), x).unsqueeze(1)
         return x.mean(dim=1, keepdim=True)
 
     def adjoint(self, y):
         self._check_y(y, self.y_shape)
+        if self.weights is not None:
+            return y * self._t("w", y).reshape(1, 3, 1, 1)
         return y.expand(-1, 3, -1, -1) / 3.0
 
     def pinv(self, y):
         self._check_y(y, self.y_shape)
+        if self.weights is not None:
+            w = self._t("w", y)
+            return y * (w / (w * w).sum()).reshape(1, 3, 1, 1)
         return y.expand(-1, 3, -1, -1).clone()
 
     def Vt(self, x):

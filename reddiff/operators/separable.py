@@ -33,6 +33,15 @@ for ``j in range(i - k//2, i + k//2)``, which for an odd kernel length k drops t
 1-D kernel has k-1 taps, sums to (k-1)/k of the nominal one and is shifted by half a pixel.  ``deblur_gauss``
 (5 taps, sigma 25: nearly a 5-box) and ``deblur_uniform`` (9 taps of 1/9) reproduce that matrix by default so
 numbers are comparable with the papers; ``window: full`` gives the centred kernel.
+
+Official quirks as compat switches (``docs/DIFFERENCES.md``; ``compat=official`` turns them on):
+``spectrum='ddrm_tiled'`` (blurs) is the operator the official ``Deblurring`` class computes for colour images
+(DDRM ``functions/svd_replacement.py:460-461``, RED-diff ``utils/degredations.py:500-501``, code): it sorts the
+n^2 products ``sa[i] sa[j]`` descending (rank r), lays Vt out as ``C r + c`` and tiles the sorted list
+(``repeat(1, 3)``), so component (i, j) of channel c is scaled by ``s_sorted[(C r + c) mod n^2]`` instead of
+``sa[i] sa[j]``: ``H = U diag(s tiled) V^T`` with the exact U, V, a different non-separable map per channel
+(exact ties ordered as the official unstable sort).  ``pinv_mode='reddiff'``: the RED-diff ``H_pinv``
+(``utils/degredations.py:69-80``) keeps ``U^T y`` on the zero-singular-value components instead of dropping them.
 """
 from __future__ import annotations
 
@@ -45,6 +54,8 @@ from ._common import _EPS64, ImageOpMixin
 from .base import SVDOperator
 
 BOUNDARIES = ("zero", "reflect", "symmetric", "circular")
+PINV_MODES = ("moore_penrose", "reddiff")
+SPECTRA = ("exact", "ddrm_tiled")
 
 
 def _map_index(j: int, n: int, boundary: str) -> int | None:
@@ -116,17 +127,42 @@ def bicubic_taps(factor: int, a: float = -0.5) -> np.ndarray:
     return k / k.sum()
 
 
+def ddrm_rank(s: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry of ``s`` in the official descending sort: ``torch.sort(float32, descending=True)``
+    (DDRM ``svd_replacement.py:422``, not stable), so exact ties (``sa[i] sa[j] = sa[j] sa[i]``, the zeros) fall
+    as the official code orders them on the CPU."""
+    perm = torch.sort(s.float(), descending=True)[1]
+    rank = torch.empty_like(perm)
+    rank[perm] = torch.arange(s.numel())
+    return rank
+
+
+def ddrm_tiled_singulars(s: torch.Tensor, C: int) -> torch.Tensor:
+    """Per-channel singulars ``(C * n^2,)`` in our (c, i, j) layout that the official ``Deblurring`` class pairs
+    with the spectral components: rank r of ``s`` in channel c gets ``sorted(s)[(C r + c) mod n^2]``
+    (the ``repeat(1, 3)``-tiled sorted list indexed in its pixel-major layout ``C r + c``)."""
+    N, rank = s.numel(), ddrm_rank(s)
+    s_sorted = torch.empty_like(s)
+    s_sorted[rank] = s
+    idx = (C * rank.reshape(1, -1) + torch.arange(C).reshape(-1, 1)) % N
+    return s_sorted[idx].reshape(-1)
+
+
 class SeparableOperator(ImageOpMixin, SVDOperator):
     """``H x = A x A^T`` per channel, with the exact Kronecker SVD (see the module docstring)."""
 
     name = "separable"
 
-    def __init__(self, sigma_y: float = 0.0, svd_cutoff: float = 0.0):
+    def __init__(self, sigma_y: float = 0.0, svd_cutoff: float = 0.0, pinv_mode: str = "moore_penrose"):
         super().__init__(sigma_y=sigma_y)
         svd_cutoff = float(svd_cutoff)
         if not svd_cutoff >= 0:
             raise ValueError(f"{self.name}: svd_cutoff must be >= 0, got {svd_cutoff}")
+        if pinv_mode not in PINV_MODES:
+            raise ValueError(f"{self.name}: pinv_mode must be one of {', '.join(PINV_MODES)}, got {pinv_mode!r}")
         self.svd_cutoff = svd_cutoff
+        self.pinv_mode = pinv_mode
+        self.spectrum = "exact"
         self._master = None
         self._axis_cache: dict = {}
 
@@ -161,7 +197,12 @@ class SeparableOperator(ImageOpMixin, SVDOperator):
         self._master = dict(ax)
         self.m = ax["A"].shape[0]
         sa = ax["sa"]
-        self._master["s"] = torch.outer(sa, sa).reshape(1, -1).expand(C, -1).reshape(-1).contiguous()
+        s = torch.outer(sa, sa).reshape(-1)
+        if self.spectrum == "ddrm_tiled":
+            s = ddrm_tiled_singulars(s, C)
+        else:
+            s = s.reshape(1, -1).expand(C, -1).reshape(-1)
+        self._master["s"] = s.contiguous()
         return self
 
     @property
@@ -179,15 +220,29 @@ class SeparableOperator(ImageOpMixin, SVDOperator):
 
     def forward(self, x):
         self._check_x(x)
+        if self.spectrum != "exact":  # not separable: through the SVD
+            k = self.y_numel()
+            return self.U(self.singulars() * self.Vt(x)[:, :k])
         return self._sandwich(self._t("A", x), x, self._t("At", x))
 
     def adjoint(self, y):
         self._check_y(y, self.y_shape)
+        if self.spectrum != "exact":
+            return self.V(self._pad(self.singulars() * self.Ut(y)))
         return self._sandwich(self._t("At", y), y, self._t("A", y))
 
     def pinv(self, y):
         self._check_y(y, self.y_shape)
-        return self._sandwich(self._t("Ap", y), y, self._t("ApT", y))
+        if self.spectrum == "exact" and self.pinv_mode == "moore_penrose":
+            return self._sandwich(self._t("Ap", y), y, self._t("ApT", y))
+        s, z = self.singulars(), self.Ut(y)
+        keep = z if self.pinv_mode == "reddiff" else torch.zeros_like(z)
+        return self.V(self._pad(torch.where(s > 0, z / torch.where(s > 0, s, torch.ones_like(s)), keep)))
+
+    def _pad(self, z):
+        """Spectral y-coefficients -> x-coefficients (zeros on the null space), DDRM's ``add_zeros``."""
+        n = self._numel()
+        return z if z.shape[1] == n else torch.cat([z, z.new_zeros(z.shape[0], n - z.shape[1])], dim=1)
 
     # SVD pieces ----------------------------------------------------------------------------------------
     def singulars(self):
@@ -302,7 +357,8 @@ class SeparableBlur(SeparableOperator):
 
     def __init__(self, sigma_y: float = 0.0, kernel: str = "gaussian", size: int = 5, sigma: float = 1.0,
                  truncate: float | None = None, boundary: str = "zero", window: str = "full",
-                 svd_cutoff: float = 0.0, name: str | None = None):
+                 svd_cutoff: float = 0.0, name: str | None = None, spectrum: str = "exact",
+                 pinv_mode: str = "moore_penrose"):
         if name:
             self.name = str(name)
         if kernel not in ("gaussian", "uniform"):
@@ -314,9 +370,12 @@ class SeparableBlur(SeparableOperator):
         size = int(size)
         if size < 1 or size % 2 == 0:
             raise ValueError(f"{self.name}: kernel size must be odd and positive, got {size}")
+        if spectrum not in SPECTRA:
+            raise ValueError(f"{self.name}: spectrum must be one of {', '.join(SPECTRA)}, got {spectrum!r}")
         self.kernel_kind, self.size, self.sigma, self.truncate = kernel, size, float(sigma), truncate
         self.boundary, self.window = boundary, window
-        super().__init__(sigma_y=sigma_y, svd_cutoff=svd_cutoff)
+        super().__init__(sigma_y=sigma_y, svd_cutoff=svd_cutoff, pinv_mode=pinv_mode)
+        self.spectrum = spectrum
         self.taps = self.kernel_taps()
 
     def kernel_taps(self) -> np.ndarray:
