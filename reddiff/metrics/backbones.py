@@ -90,11 +90,14 @@ def build_resnet50(state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def resnet50_preprocess():
+def resnet50_preprocess(normalize_only: bool = False):
     """torchvision's own IMAGENET1K_V1 preprocessing: resize 256 (bilinear, antialias), centre-crop 224,
-    ImageNet mean/std.  Applied to float tensors in [0, 1]."""
+    ImageNet mean/std.  Applied to float tensors in [0, 1].  ``normalize_only``: only the mean/std step, as the
+    official RED-diff top-1 evaluation (``transform=ca_cropped``: ToTensor + Normalize on the 256 px PNG)."""
     import torchvision
 
+    if normalize_only:
+        return torchvision.transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     return torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
 
 

@@ -26,6 +26,14 @@ Images arrive as ``(B, 3, H, W)`` in [-1, 1] (restoration ``x_hat``, ground trut
   crop 224, ImageNet mean/std) on the quantised restorations; ``logits`` are stored per image and compared
   with the data set's labels in ``set_level``.
 
+Official evaluation profile (``compat=official``).  ``png_roundtrip: true`` quantises restoration and reference
+to 8 bits exactly as ``torchvision.utils.save_image`` does (``floor(255 u + 0.5)`` on ``u = (x+1)/2`` clamped;
+RED-diff ``utils/save.py:24``, code) before every per-image metric, as the official scripts compute metrics on the
+reloaded PNGs.  ``top1_preprocess: official`` feeds the 256x256 PNG to the ResNet-50 with only ImageNet
+mean/std normalisation, no resize/crop (RED-diff ``run_eval.sh:84`` ``transform=ca_cropped``,
+``datasets/imagenet.py:151-154``, code).  KID is reported raw (as written to the official results file,
+``eval/fid.py:43``); the official log line shows it x10^3 (``eval/fid.py:41``).
+
 Weights come only from the registry's files (:mod:`reddiff.weights`); a metric whose file is missing or
 fails its hash is in ``suite.missing`` with the exact reason and the fetch command, and is warned about once
 when the suite is built.  Nothing is downloaded, nothing is replaced by random weights.
@@ -79,6 +87,13 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def png_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> 8-bit PNG -> [-1, 1] as the official pipeline: ``torchvision.utils.save_image`` rounding
+    ``floor(255 u + 0.5)`` of ``u = clamp((x + 1) / 2, 0, 1)``, reloaded as ``k / 255``."""
+    u = ((x.detach() + 1) / 2).clamp(0, 1)
+    return torch.floor(u * 255 + 0.5).clamp(0, 255) / 255 * 2 - 1
+
+
 def psnr(x_hat: torch.Tensor, x_true: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB on [0, 1] (torchmetrics), computed in float64."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
@@ -114,6 +129,8 @@ class MetricSuite:
         ref_cache: cache reference Inception features on disk; ``ref_cache_dir`` overrides the location.
         batch_size: images per network call.
         verify: check the weight files' sha256 pins (a mismatch makes the metric missing).
+        png_roundtrip: per-image metrics on 8-bit PNG-quantised images, as the official scripts (module doc).
+        top1_preprocess: "torchvision" (resize 256, crop 224, normalise) or "official" (normalise only).
         _test_backbones: TEST ONLY.  ``{registry name: state dict | module}`` used instead of the registry's
             file for "alexnet"/"vgg16"/"inception_fid"/"resnet50".  A state dict goes through the same
             builder as the real file; a module replaces the network (for "inception_fid" a callable from
@@ -125,13 +142,17 @@ class MetricSuite:
     def __init__(self, names: Iterable[str] = DEFAULT_NAMES, device: str = "auto", lpips_net: str = "alex",
                  lpips_compat: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, kid_seed: int = 0,
                  fid_reference: str = "subset", ref_cache: bool = True, ref_cache_dir: Optional[str] = None,
-                 batch_size: int = 32, verify: bool = True, _test_backbones: Optional[Mapping[str, Any]] = None):
+                 batch_size: int = 32, verify: bool = True, png_roundtrip: bool = False,
+                 top1_preprocess: str = "torchvision", _test_backbones: Optional[Mapping[str, Any]] = None):
         self.names = [str(n) for n in names]
         unknown = [n for n in self.names if n not in METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
         if lpips_net not in LPIPS_WEIGHTS:
             raise ValueError(f"metrics.lpips_net must be one of {sorted(LPIPS_WEIGHTS)}, got {lpips_net!r}")
+        if top1_preprocess not in ("torchvision", "official"):
+            raise ValueError(f"metrics.top1_preprocess must be 'torchvision' or 'official', got {top1_preprocess!r}")
+        self.png_roundtrip, self.top1_preprocess = bool(png_roundtrip), top1_preprocess
         self.device = _device(device)
         self.lpips_net = lpips_net
         self.lpips_compat = bool(lpips_compat)
@@ -216,6 +237,8 @@ class MetricSuite:
     def per_image(self, x_hat: torch.Tensor, x_true: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{name: Tensor(B,)}`` for the per-image metrics in ``names`` that are not missing (CPU, float)."""
         x_hat, x_true = x_hat.detach(), x_true.detach()
+        if self.png_roundtrip:
+            x_hat, x_true = png_roundtrip(x_hat), png_roundtrip(x_true)
         out: dict[str, torch.Tensor] = {}
         if self.active("psnr"):
             out["psnr"] = psnr(x_hat, x_true).float().cpu()
@@ -279,7 +302,8 @@ class MetricSuite:
         return np.stack(result).astype(np.float32)
 
     def _logits(self, u8: torch.Tensor) -> np.ndarray:
-        net, prep = self._net("resnet50"), backbones.resnet50_preprocess()
+        net = self._net("resnet50")
+        prep = backbones.resnet50_preprocess(self.top1_preprocess == "official")
         outs = []
         for s in range(0, u8.shape[0], self.batch_size):
             x = prep(u8[s:s + self.batch_size].to(self.device).float() / 255.0)
