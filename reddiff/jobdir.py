@@ -61,7 +61,7 @@ def fingerprint(resolved: dict, weights_sha256: Optional[str] = None) -> dict:
 
 def differing(old: dict, new: dict) -> list[str]:
     a, b = old.get("values", {}), new.get("values", {})
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
 
 
 def _has_results(job_dir: Path) -> bool:
