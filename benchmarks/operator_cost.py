@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from reddiff.operators import NEEDS_WEIGHTS, SVD_TASKS, build_operator, task_names
+from reddiff.registry import build_operator, task_info, task_names
 from reddiff.weights import MissingWeightsError
 
 LIMIT = 0.02  # operators must cost < 2% of one ADM forward
@@ -81,7 +81,7 @@ def build(name: str):
         from reddiff.operators.bkse import KernelWizard, NonlinearBlur
 
         torch.manual_seed(0)
-        return NonlinearBlur(network=KernelWizard()), f"random weights ({NEEDS_WEIGHTS[name]} not installed)"
+        return NonlinearBlur(network=KernelWizard()), f"random weights ({task_info(name)['needs_weights']} not installed)"
 
 
 def time_task(name: str, n: int, repeats: int) -> dict:
@@ -101,7 +101,7 @@ def time_task(name: str, n: int, repeats: int) -> dict:
         xg = x.clone().requires_grad_(True)
         op.forward(xg).square().sum().backward()
 
-    kind = "SVD" if name in SVD_TASKS else "nonlinear"
+    kind = "SVD" if task_info(name)["svd"] else "nonlinear"
     return {"task": name, "class": type(op).__name__, "kind": kind, "y_shape": list(y.shape),
             "first_setup_s": first_setup_s, "setup_s": setup_s, "forward_s": fwd, "forward_backward_s": _median_time(fwd_bwd, repeats), "note": note}
 

@@ -258,7 +258,7 @@ def peak_rss_mb() -> float:
 def _problem(spec: dict, batch: int):
     import torch
 
-    from reddiff.operators import build_operator
+    from reddiff.registry import build_operator
     from reddiff.rng import BatchRNG
 
     prior = load_prior(spec)

@@ -78,11 +78,36 @@ def task_info(name: str) -> dict:
             "needs_weights": getattr(cls, "weights_name", None)}
 
 
+def task_config(name: str, **task_overrides):
+    """``conf/task/<name>.yaml`` as an OmegaConf node under ``task`` (so ``${task.sigma_y}`` resolves);
+    ``task_overrides`` replace top-level task keys, e.g. ``sigma_y=0.05``."""
+    from omegaconf import OmegaConf
+
+    task = _load_yaml("task", name)
+    for k, v in task_overrides.items():
+        task[k] = v
+    return OmegaConf.create({"task": task})
+
+
+def build_operator(name: str, sigma_y: float | None = None, **operator_overrides):
+    """Instantiate the operator of task ``name`` from its YAML (``sigma_y`` and operator keys overridable)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = task_config(name, **({} if sigma_y is None else {"sigma_y": sigma_y}))
+    for k, v in operator_overrides.items():
+        cfg.task.operator[k] = v
+    try:
+        return instantiate(cfg.task.operator)
+    except InstantiationException as e:  # re-raise the operator's own error (ValueError, MissingWeightsError)
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise
+
+
 def sampler_config(name: str, task: str | None = None, **overrides):
     """``conf/sampler/<name>.yaml`` resolved against the task's ``hparams`` (none: the YAML defaults)."""
     from omegaconf import OmegaConf
-
-    from .operators import task_config
 
     raw = _load_yaml("sampler", name)
     root = task_config(task) if task else OmegaConf.create({"task": {"hparams": {}}})

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from reddiff import registry
-from reddiff.operators import LinearOperator, SVDOperator, build_operator, operator_class, task_names
+from reddiff.operators import LinearOperator, SVDOperator
+from reddiff.registry import build_operator, operator_class, task_names
 from reddiff.operators.bkse import KernelWizard, NonlinearBlur, load_bkse_state_dict
 from reddiff.operators.inpainting import FreeformInpainting, RandomInpainting
 from reddiff.operators.motion import MotionBlur

@@ -80,7 +80,7 @@ def test_runs_on_vector_gmm_prior(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_on_image_prior(name, embedded):
-    from reddiff.operators import build_operator
+    from reddiff.registry import build_operator
 
     op = build_operator("sr4", sigma_y=0.05).setup([0, 1], (2, 3, 64, 64), "cpu", torch.float32)
     x_true = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1

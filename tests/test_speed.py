@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.speed import RSS_TARGET, forward_kind, load_prior, speed_samplers
-from reddiff.operators import build_operator
+from reddiff.registry import build_operator
 from reddiff.perf import TOLERANCES, FastPathPrior, apply_fast_paths, deviation, recommended_fast_paths
 from reddiff.priors.base import Prior
 from reddiff.priors.gaussian import GaussianPrior
