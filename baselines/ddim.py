@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from reddiff.samplers.base import DDIMFamily, validate_steps
+from reddiff.samplers.base import DDIMFamily, validate_steps, validate_spacing
 
 
 class DDIM(DDIMFamily):
@@ -28,8 +28,10 @@ class DDIM(DDIMFamily):
     name = "ddim"
     requires: tuple = ()
 
-    def __init__(self, steps: int = 100, eta: float = 0.5, clip_x0: bool = False, log_every: int = 10):
+    def __init__(self, steps: int = 100, eta: float = 0.5, clip_x0: bool = False, log_every: int = 10,
+                 spacing: str = "default"):
         self.steps = validate_steps("ddim", steps)
+        self.spacing = validate_spacing("ddim", spacing)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"ddim: eta must be in [0, 1], got {eta}")
         self.eta = float(eta)

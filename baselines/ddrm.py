@@ -15,8 +15,11 @@ and the chain starts from ``xb_T = yb + sqrt(sigma_T^2 - sigma_y^2/s_i^2) z`` on
 (``sigma_T z`` elsewhere).  The last step (s = -1, ``sigma_s = 0``) returns the restoration.  Singular values may
 be per image (``(B, k)``, e.g. per-image masks) and may contain zeros (treated as missing).  The algorithm follows
 the DDRM paper and the copy in the RED-diff repository (defaults eta 0.85, eta_b 1, 20 steps); differences: the
-chain is scaled by the exact ``sqrt(a_T)`` at the start, and a component with ``s_i sigma_s == sigma_y`` counts as
-"noisier than y".
+chain is scaled by the exact ``sqrt(a_T)`` at the start (the official code divides by ``sigma_T`` instead,
+DDRM ``functions/denoising.py:36``, i.e. ``1/sqrt(1 - a_T)`` larger), and a component with
+``s_i sigma_s == sigma_y`` counts as "noisier than y".  So at the noiseless last step (``sigma_s = sigma_y = 0``)
+ours returns ``y / s_i`` on the observed components; the official strict ``>`` (``denoising.py:74-75``) sends every
+component to the "missing" branch and returns ``x0_hat`` (``last_step="x0_hat"``, ``compat.ddrm_last_step``).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reddiff.samplers.base import Sampler, validate_steps
+from reddiff.samplers.base import Sampler, validate_spacing, validate_steps
 
 
 class DDRM(Sampler):
@@ -36,6 +39,8 @@ class DDRM(Sampler):
         eta: ``eta`` (0.85), the fresh-noise fraction for missing / less-noisy components.
         eta_b: ``eta_b`` (1.0), how strongly noisier-than-y components are pulled to the measurement.
         log_every: callback every ``log_every`` steps and at the last one.
+        last_step: "measurement" (y on the observed components when noiseless) or "x0_hat" (the official code).
+        spacing: timestep spacing, "default" or "official" (``compat.timesteps``).
     """
 
     name = "ddrm"
@@ -43,7 +48,12 @@ class DDRM(Sampler):
     gmm_hparams = {"eta": 1.0, "eta_b": 1.0}                    # GMM tuning seed (results/gmm_posterior.md)
     gmm_tune_grid = {"eta": [0.5, 0.85, 1.0], "eta_b": [0.5, 1.0]}
 
-    def __init__(self, steps: int = 20, eta: float = 0.85, eta_b: float = 1.0, log_every: int = 10):
+    def __init__(self, steps: int = 20, eta: float = 0.85, eta_b: float = 1.0, log_every: int = 10,
+                 last_step: str = "measurement", spacing: str = "default"):
+        if last_step not in ("measurement", "x0_hat"):
+            raise ValueError(f"ddrm: last_step must be 'measurement' or 'x0_hat', got {last_step!r}")
+        self.last_step = last_step
+        self.spacing = validate_spacing("ddrm", spacing)
         if not 0.0 <= float(eta) <= 1.0 or not 0.0 <= float(eta_b) <= 1.0:
             raise ValueError(f"ddrm: eta and eta_b must be in [0, 1], got {eta}, {eta_b}")
         self.steps = validate_steps("ddrm", steps)
@@ -108,6 +118,8 @@ class DDRM(Sampler):
                 out = torch.where(after, less, out)
             noisier = eta_b * yb + (1 - eta_b) * x0b + (sig_s ** 2 - eta_b ** 2 * ny.square()).clamp_min(0).sqrt() * z
             out = torch.where(before, noisier, out)
+            if i == last and self.last_step == "x0_hat":
+                out = x0b
             x = math.sqrt(a_s) * operator.V(out).reshape(shape)
             if callback is not None and self.should_log(i, last):
                 callback(i, {"t": t, "x0": x0})

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from reddiff.operators.base import SVDOperator
-from reddiff.samplers.base import DDIMFamily, bcast, validate_steps
+from reddiff.samplers.base import DDIMFamily, bcast, validate_steps, validate_spacing
 
 MODES = ("auto", "svd", "pinv")
 FORMS = ("score", "official")
@@ -77,8 +77,9 @@ class PiGDM(DDIMFamily):
                       "mean_tol": 0.05, "cov_tol": 0.1}
 
     def __init__(self, steps: int = 100, eta: float = 1.0, guidance_weight=1.0, start_t: Optional[int] = None,
-                 mode: str = "auto", form: str = "score", log_every: int = 10):
+                 mode: str = "auto", form: str = "score", log_every: int = 10, spacing: str = "default"):
         self.steps = validate_steps("pigdm", steps)
+        self.spacing = validate_spacing("pigdm", spacing)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"pigdm: eta must be in [0, 1], got {eta}")
         if mode not in MODES:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..diffusion import ddim_coefficients, timesteps
+from ..diffusion import SPACINGS, ddim_coefficients, timesteps
 
 
 def validate_steps(name: str, steps) -> int:
@@ -29,6 +29,14 @@ def validate_steps(name: str, steps) -> int:
         raise ValueError(f"{name}: steps must be an integer in [1, T] (T = 1000 for the standard schedule), "
                          f"got {steps!r}")
     return steps
+
+
+def validate_spacing(name: str, spacing) -> str:
+    """``spacing`` of :func:`reddiff.diffusion.timesteps`: "default" (exactly ``steps`` steps) or "official"
+    (``range(0, T, T // steps)``, the official list, ``compat.timesteps``)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"{name}: spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    return str(spacing)
 
 
 class Sampler:

@@ -18,8 +18,11 @@ Implementation notes
   (``w_t (eps - e2) / n``); autograd runs only through the operator for the data term, which keeps nonlinear
   operators (phase retrieval, HDR, ...) working.  ``dx0/dmu = I``.
 * **Per-image objective.** Means are taken per image and the per-image losses are summed over the batch, so
-  every image's gradient is that of its own loss: a batch gives the same numbers as a loop over its images (the
-  official code takes one mean over the whole batch; Adam is invariant to that 1/B scale up to its eps).
+  every image's gradient is that of its own loss: a batch gives the same numbers as a loop over its images.  The
+  official code takes one mean over the whole batch (``algos/reddiff.py:87-88``, code), which divides every
+  gradient by B; Adam's step ``m/(sqrt(v) + eps)`` is then exactly ours with ``eps = B * 1e-8``, not the same
+  (its eps is not negligible: the outputs move by ~6e-2 at B = 4).  ``batch_loss="batch_mean"`` reproduces it
+  that way (``compat.reddiff_batch_loss``); the result then depends on the batch size, as the official code's.
 * **Explicit Adam.** The update is written out (:func:`adam_step`), equal to ``torch.optim.Adam`` (no weight
   decay, no amsgrad), so that ``lr``, ``lam``, ``weighting``, ``obs_weight`` and ``sigma_x0`` may be per-item:
   a batch can hold K configurations of the same image that share one network call per step
@@ -41,7 +44,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from ..diffusion import ORDERINGS
-from .base import Sampler, bcast, validate_steps
+from .base import Sampler, bcast, validate_spacing, validate_steps
 
 #: denoiser weightings of the inverse SNR ``s = sqrt(1 - a_t) / sqrt(a_t)`` (official names)
 WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -101,6 +104,8 @@ class REDDiff(Sampler):
         returns: ``last_sample`` (official: last x0 sample, drawn before the final Adam step) or ``mu``.
         sigma_aware: use the likelihood weight ``1/(2 sigma_y^2)`` on summed residuals (see module doc).
         betas, adam_eps: Adam constants (0.9, 0.99) and 1e-8 as in the official code.
+        batch_loss: "per_image" (a batch equals a loop) or "batch_mean" (the official one mean over the batch).
+        spacing: timestep spacing, "default" or "official" (``compat.timesteps``).
         log_every: the callback is called every ``log_every`` steps and at the last step.
 
     Per-item values are lists (or tuples / 1-D tensors) with one entry per batch item; see :func:`expand_configs`.
@@ -116,7 +121,11 @@ class REDDiff(Sampler):
     def __init__(self, steps: int = 100, lr=0.5, lam=0.25, weighting="linear", obs_weight=1.0, sigma_x0=0.0,
                  ordering: str = "descending", order_seed: int = 0, returns: str = "last_sample",
                  sigma_aware: bool = False, betas: Sequence[float] = (0.9, 0.99), adam_eps: float = 1e-8,
-                 log_every: int = 10):
+                 log_every: int = 10, batch_loss: str = "per_image", spacing: str = "default"):
+        if batch_loss not in ("per_image", "batch_mean"):
+            raise ValueError(f"reddiff: batch_loss must be 'per_image' or 'batch_mean', got {batch_loss!r}")
+        self.batch_loss = batch_loss
+        self.spacing = validate_spacing("reddiff", spacing)
         if ordering not in ORDERINGS:
             raise ValueError(f"reddiff: unknown ordering {ordering!r}; valid: {', '.join(ORDERINGS)}")
         if returns not in RETURNS:
@@ -197,6 +206,8 @@ class REDDiff(Sampler):
         v_obs = (self._per_item("obs_weight", B, mu) * (data_scale / 2)).to(mu)  # (B,)
         sx0 = bcast(self._per_item("sigma_x0", B, mu), mu)
 
+        # one mean over the batch (official) scales every gradient by 1/B: the same Adam step with eps * B
+        adam_eps = self.adam_eps * (B if self.batch_loss == "batch_mean" else 1)
         m_buf = torch.zeros_like(mu)
         v_buf = torch.zeros_like(mu)
         x0 = mu
@@ -220,7 +231,7 @@ class REDDiff(Sampler):
                 noise_term = (w * (eps - e2) * x0).reshape(B, -1).sum(1)
                 callback(i, {"t": t, "loss": (noise_term + data).detach(), "loss_noise": noise_term.detach(),
                              "loss_obs": data.detach(), "mu": mu.detach().clone()})
-            adam_step(mu, grad, m_buf, v_buf, i + 1, lr, self.betas, self.adam_eps)
+            adam_step(mu, grad, m_buf, v_buf, i + 1, lr, self.betas, adam_eps)
         out = x0 if self.returns == "last_sample" else mu
         return out.detach()
 
