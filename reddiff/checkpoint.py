@@ -158,8 +158,9 @@ def load_state_dict(path, key: Optional[str] = None) -> dict[str, torch.Tensor]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            f"refusing to unpickle {path}: it carries code or objects ({_unpickler_reason(e)}), and nothing in it "
-            "was executed; only plain tensors are accepted. To use it, convert it once to safetensors where you "
+            f"refusing to unpickle {path}: it contains code/objects; only plain tensors are accepted "
+            f"(restricted unpickler: {_unpickler_reason(e)}) and nothing in it was executed. To use it, convert "
+            "it once to safetensors where you "
             "trust the file: load it with the code that wrote it, then safetensors.torch.save_file(state_dict, "
             "'weights.safetensors'), and point the harness at that file") from None
     except Exception as e:  # truncated zip, random bytes, ...: unreadable, and nothing was executed

@@ -104,11 +104,12 @@ class ImageDataset:
     """Base class: slicing, sharding and loading; subclasses give ``_all()`` (entry, path) in fixed order."""
 
     name = "base"
+    default_resolution = 256  # when built with resolution=None outside the runner (which uses the prior's)
 
     def __init__(self, resolution: Optional[int] = 256, start: int = 0, count: Optional[int] = None,
                  shard: int = 0, num_shards: int = 1):
-        if resolution is None:
-            raise ValueError("data.resolution is not set (the runner sets it to the prior's resolution)")
+        if resolution is None:  # the runner passes the prior's resolution instead; used directly: the set's own
+            resolution = self.default_resolution
         self.resolution = int(resolution)
         self.start = int(start or 0)
         self.count = None if count is None else int(count)

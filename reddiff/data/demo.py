@@ -15,8 +15,9 @@ from .make_demo import DEMO_DIR, DEMO_IDS
 
 class DemoDataset(ImageDataset):
     name = "demo"
+    default_resolution = 64
 
-    def __init__(self, resolution: int = 64, start: int = 0, count: Optional[int] = None,
+    def __init__(self, resolution: Optional[int] = 64, start: int = 0, count: Optional[int] = None,
                  shard: int = 0, num_shards: int = 1):
         super().__init__(resolution, start, count, shard, num_shards)
         missing = [i for i in DEMO_IDS if not (DEMO_DIR / f"{i}.png").is_file()]
