@@ -49,6 +49,9 @@ class Sampler:
     gmm_hparams: Optional[dict] = None
     #: the grid ``benchmarks.gmm_posterior --tune`` searches (one list per hyperparameter)
     gmm_tune_grid: dict = {}
+    #: search space of ``python run.py -m +tune=<name>`` (reddiff.tune): hyperparameter -> Hydra Optuna-sweeper
+    #: expression, e.g. ``{"zeta": "tag(log, interval(0.03, 30.0))"}``; empty: the sampler has nothing to tune
+    tune_space: dict = {}
     #: hyperparameters that accept one value per batch item
     per_item: tuple = ()
     #: small settings for the generic tests (tests/test_sampler_contract.py), e.g. fewer particles

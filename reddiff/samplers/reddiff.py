@@ -117,6 +117,9 @@ class REDDiff(Sampler):
     # GMM benchmark: tuned on the tuning seed (results/gmm_posterior.md)
     gmm_hparams = {"lr": 4.0, "lam": 0.25, "sigma_x0": 0.0, "weighting": "linear", "sigma_aware": True}
     gmm_tune_grid = {"lr": [1.0, 2.0, 4.0, 8.0], "lam": [0.25, 1.0, 4.0], "sigma_x0": [0.0, 1.0]}
+    # tuning space (reddiff.tune; unverified: our range around the README example lr 0.5, lam 0.25 and the
+    # official config default lr 0.1; lam up to 4 as the lambda ablation grid)
+    tune_space = {"lr": "tag(log, interval(0.02, 2.0))", "lam": "tag(log, interval(0.01, 4.0))"}
 
     def __init__(self, steps: int = 100, lr=0.5, lam=0.25, weighting="linear", obs_weight=1.0, sigma_x0=0.0,
                  ordering: str = "descending", order_seed: int = 0, returns: str = "last_sample",
