@@ -82,7 +82,7 @@ def test_task_yaml_contract(name):
     assert raw.operator._target_ == f"{cls.__module__}.{cls.__qualname__}"
     assert OmegaConf.to_container(raw.operator)["sigma_y"] == "${task.sigma_y}"
     assert raw.sigma_y == (0.1 if name == "denoise" else 0.0)
-    for sampler, params in OmegaConf.to_container(raw.get("hparams", {})).items():
+    for sampler, params in OmegaConf.to_container(raw.get("hparams") or OmegaConf.create({})).items():
         assert sampler in registry.sampler_names() and set(params) <= sampler_params(sampler), (sampler, params)
     assert issubclass(cls, SVDOperator) == (name in SVD_TASKS)
     assert issubclass(cls, LinearOperator) == (name in SVD_TASKS)
