@@ -1,6 +1,7 @@
 """List and download the wheels that ``benchmarks/gpu_check.py`` needs on a GPU machine that lacks them.
 
-    python -m benchmarks.gpu_wheels [--dest gpu_wheels] [--list] [--python-version 3.12] [--platform manylinux2014_x86_64]
+    python -m benchmarks.gpu_wheels [--dest gpu_wheels] [--list] [--python-version 3.12]
+                                    [--platform manylinux2014_x86_64]
 
 The GPU machine (issue 18) has torch, torchvision, torchmetrics, safetensors, numpy, scipy, scikit-image, pandas,
 matplotlib and tqdm, but no hydra-core, omegaconf or antlr4 (which ``reddiff.operators.build_operator`` and the

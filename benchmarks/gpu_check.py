@@ -1,0 +1,706 @@
+"""The prepared GPU check (issue 18): the paper's cost columns measured on ADM ImageNet-256 in one short command.
+
+    python3 -m benchmarks.gpu_check --json results/gpu.json --md results/gpu.md      # on a CUDA machine, < 8 min
+    python -m benchmarks.gpu_check --dry-run --json /tmp/g.json --md /tmp/g.md        # same code, CPU, tiny UNet
+
+Network: the repository's ADM UNet (:mod:`reddiff.priors.adm`) at the ImageNet-256 unconditional configuration
+(``learn_sigma``: 6 output channels, the first 3 are eps) with **random weights** (timing and memory do not depend on
+them; layers the reference initialises to zero get N(0, 1e-2) weights so eps is not identically zero).  Task:
+``sr4`` (an SVD operator, so every sampler of the registry runs).  Phases, in order of priority; each one is skipped
+with "not measured" once the global deadline (``--budget-s``, counted from process start) is reached, and every
+network call checks the deadline, so the script stops itself within one call of it:
+
+1. **time per step** for every sampler of the registry (:func:`reddiff.registry.sampler_names`) at each
+   ``--batches`` (1 and 8) and each ``--dtypes`` (fp32; bf16 = autocast through :func:`reddiff.perf.apply_fast_paths`,
+   weights stay fp32): a warm-up run (2 steps), then the median of ``--repeats`` runs of ``--steps`` steps.
+   ``s_per_step_per_image`` = wall / (NFE x batch).  ``wall_over_forward`` = wall / (NFE x one bare network call at
+   the same batch): no_grad forward, or forward + backward to the input for samplers with ``needs_grad``;
+   its limit is the registry's ``speed_limit`` (1.05, or 1.10 with ``needs_grad``).
+2. **RED-diff peak memory** (``torch.cuda.max_memory_allocated``) at the largest batch against a bare no_grad loop
+   of the same number of forward calls at that batch.
+3. **max batch** of every sampler with a network within ``--memory-gib`` (40 GiB, enforced with
+   ``torch.cuda.set_per_process_memory_fraction``): a batch fits when a ``--probe-steps`` run finishes without
+   CUDA OOM; doubling from 1, then bisection between the last fit and the first OOM; each sampler is time-boxed
+   (``--box-s``) and a box that expires reports the largest batch seen to fit as a lower bound.  The paper's
+   "max batch" column.  Bare no_grad and forward+backward calls get the same search, as references.
+4. **the CUDA-only tests** (test functions whose decorators mention CUDA: ``skipif(not torch.cuda.is_available())``
+   or a ``cuda`` mark), run with pytest in a subprocess when pytest is importable, else "not run (no pytest)".
+
+bf16 max batches come last (after the CUDA tests).  Missing pure-Python packages (hydra-core, omegaconf, antlr4,
+PyYAML, pytest) travel as wheels in ``--wheels`` (default ``gpu_wheels/``, made by ``python -m benchmarks.gpu_wheels``):
+only those whose modules are not importable are unpacked into a temporary folder on ``sys.path``.  Without hydra the
+operator and samplers are built from their classes (sr4 values, class defaults).
+
+``--dry-run`` runs the same code on the CPU with a tiny UNet; CUDA OOM cannot happen there, so the max-batch search
+meets a *simulated* OOM (``torch.OutOfMemoryError`` raised by the network at batch > ``--dry-oom-batch``, marked
+``simulated`` in the JSON); CUDA memory figures are "not measured".  The paper's numbers (:data:`PAPER`) are printed
+beside ours with their provenance tags.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import gc
+import inspect
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+T_START = time.monotonic()
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WHEELS = ROOT / "gpu_wheels"
+GIB = 2 ** 30
+
+#: RED-diff paper, Table 1 (ImageNet-256, in2_20ff); "paper*": a public transcription of the paper, not the PDF;
+#: "unverified": use as approximate only.  For DPS, Pi-GDM and DDRM the transcription gives no per-sampler cell,
+#: only the ranges 0.10-0.24 s/step and max batch 15-25 for the three of them.
+PAPER = {
+    "reddiff": {"s_per_step": "0.05", "max_batch": "30", "tag": "paper*"},
+    "dps": {"s_per_step": "0.10-0.24", "max_batch": "15-25", "tag": "unverified (range for DPS, Pi-GDM, DDRM)"},
+    "pigdm": {"s_per_step": "0.10-0.24", "max_batch": "15-25", "tag": "unverified (range for DPS, Pi-GDM, DDRM)"},
+    "ddrm": {"s_per_step": "0.10-0.24", "max_batch": "15-25", "tag": "unverified (range for DPS, Pi-GDM, DDRM)"},
+}
+#: the dry run's network: the ADM architecture (attention, up/down residual blocks, learn_sigma) at toy size
+DRY_RUN_UNET = dict(image_size=16, model_channels=32, out_channels=6, num_res_blocks=1, attention_resolutions=(8,),
+                    channel_mult=(1, 2), num_head_channels=16, learn_sigma=True)
+#: used only if the registry cannot be imported: samplers that backpropagate through the network (speed.py SAMPLERS)
+FALLBACK_NEEDS_GRAD = {"dps", "pigdm"}
+
+
+class DeadlineReached(Exception):
+    pass
+
+
+def oom_error_class():
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+# ============================================================================================ environment
+def use_wheels(folder: Path) -> dict:
+    """Unpack the wheels of ``folder`` whose top-level modules are all missing into a temporary folder, append it to
+    ``sys.path`` and ``PYTHONPATH`` (for the pytest subprocess); installed packages are never shadowed."""
+    import importlib.util
+
+    folder = Path(folder)
+    info = {"folder": str(folder), "unpacked": [], "present": []}
+    if not folder.is_dir():
+        info["missing_folder"] = True
+        return info
+    target = Path(tempfile.mkdtemp(prefix="gpu_check_wheels_"))
+    for whl in sorted(folder.glob("*.whl")):
+        with zipfile.ZipFile(whl) as z:
+            tops = {n.split("/")[0] for n in z.namelist()}
+            mods = sorted({t[:-3] if t.endswith(".py") else t for t in tops
+                           if not t.endswith((".dist-info", ".data")) and not t.endswith(".pth")})
+            mods = [m for m in mods if m.isidentifier()]
+            if mods and all(importlib.util.find_spec(m) is None for m in mods):
+                z.extractall(target)
+                info["unpacked"].append(whl.name)
+            else:
+                info["present"].append(whl.name)
+    if info["unpacked"]:
+        sys.path.append(str(target))
+        importlib.invalidate_caches()
+        info["path"] = str(target)
+    return info
+
+
+def machine(device) -> dict:
+    import torch
+
+    m = {"python": platform.python_version(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
+         "platform": platform.platform(), "device": str(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        m.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / GIB, 1), capability=f"{p.major}.{p.minor}",
+                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                 tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                 cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return m
+
+
+# ============================================================================================ registry
+def discover_samplers() -> tuple[list[str], str]:
+    try:
+        from reddiff import registry
+
+        return list(registry.sampler_names()), "reddiff.registry"
+    except Exception as e:  # noqa: BLE001 - fall back to the YAML files
+        return sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml")), f"conf/sampler glob ({e})"
+
+
+def _yaml_target(name: str) -> str:
+    for line in (ROOT / "conf" / "sampler" / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("_target_:"):
+            return line.split(":", 1)[1].split("#")[0].strip()
+    raise KeyError(f"no _target_ in conf/sampler/{name}.yaml")
+
+
+def sampler_class(name: str) -> type:
+    try:
+        from reddiff import registry
+
+        return registry.sampler_class(name)
+    except ImportError:
+        import importlib
+
+        module, cls = _yaml_target(name).rsplit(".", 1)
+        return getattr(importlib.import_module(module), cls)
+
+
+def sampler_meta(name: str) -> dict:
+    cls = sampler_class(name)
+    try:
+        from reddiff import registry
+
+        info = registry.sampler_info(name)
+        needs_grad, limit = bool(info["needs_grad"]), float(info["speed_limit"])
+    except ImportError:
+        needs_grad = bool(getattr(cls, "needs_grad", name in FALLBACK_NEEDS_GRAD))
+        limit = 1.10 if needs_grad else 1.05
+    has_steps = "steps" in inspect.signature(cls.__init__).parameters
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "needs_grad": needs_grad, "limit": limit,
+            "kind": "fwd_bwd" if needs_grad else "no_grad", "has_steps": has_steps}
+
+
+def build_sampler(name: str, steps: int, meta: dict):
+    kw = {"steps": steps} if meta["has_steps"] else {}
+    try:
+        from reddiff import registry
+
+        return registry.build_sampler(name, task="sr4", **kw)
+    except ImportError:  # no hydra/omegaconf: class defaults
+        return sampler_class(name)(**kw)
+
+
+def build_sr4():
+    try:
+        from reddiff.registry import build_operator
+
+        return build_operator("sr4"), "conf/task/sr4.yaml"
+    except ImportError:
+        from reddiff.operators.separable import BlockAverageSR
+
+        return BlockAverageSR(sigma_y=0.0, factor=4, svd_cutoff=0.0), "BlockAverageSR(factor=4) (no hydra)"
+
+
+# ============================================================================================ network
+def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
+    """ADM UNet with random weights as a :class:`reddiff.priors.base.Prior`; every ``eps`` call checks the deadline
+    and, when ``prior.oom_above`` is set (dry run), raises a simulated OOM for larger batches."""
+    import torch
+
+    from reddiff.perf import apply_fast_paths
+    from reddiff.priors.adm import UNet
+    from reddiff.priors.base import Prior
+
+    class RandomADM(Prior):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            with torch.device(device):
+                net = UNet(cfg)
+            with torch.no_grad():
+                for p in net.parameters():
+                    if p.ndim > 1 and not p.any():
+                        p.normal_(0.0, 1e-2)
+            self.net = net.eval().requires_grad_(False)
+            self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+            self.C = cfg.in_channels
+
+        def _eps(self, x_t, t):
+            return self.net(x_t, t.to(x_t.device))[:, : self.C]
+
+    base = RandomADM()
+    prior = apply_fast_paths(base, autocast=None if dtype == "fp32" else dtype).eval()
+    inner_eps = prior.eps
+    prior.oom_above = None
+
+    def eps(x_t, t):
+        deadline.check()
+        if prior.oom_above is not None and x_t.shape[0] > prior.oom_above:
+            raise oom_error_class()(f"simulated OOM: batch {x_t.shape[0]} > --dry-oom-batch {prior.oom_above}")
+        return inner_eps(x_t, t)
+
+    prior.eps = eps
+    prior.n_params = sum(p.numel() for p in base.net.parameters())
+    return prior
+
+
+class Deadline:
+    def __init__(self, budget_s: float):
+        self.budget_s = float(budget_s)
+        self.hit = False
+
+    def elapsed(self) -> float:
+        return time.monotonic() - T_START
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def check(self, margin: float = 0.0):
+        if self.left() <= margin:
+            self.hit = True
+            raise DeadlineReached(f"global deadline of {self.budget_s:.0f} s reached")
+
+
+# ============================================================================================ measurements
+class Bench:
+    def __init__(self, a, device, deadline):
+        self.a, self.device, self.deadline = a, device, deadline
+        self.cuda = device.type == "cuda"
+        self.op, self.op_source = build_sr4()
+
+    def sync(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def fresh_memory(self):
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mb(self):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else None
+
+    def problem(self, prior, batch: int):
+        import torch
+
+        from reddiff.rng import BatchRNG
+
+        g = torch.Generator().manual_seed(batch)
+        x = (torch.rand((batch,) + tuple(prior.shape), generator=g) * 2 - 1).to(self.device)
+        idx = list(range(batch))
+        self.op.setup(idx, tuple(x.shape), self.device, x.dtype)
+        return self.op.measure(x, BatchRNG.for_images(1_000_003, idx, self.device)), idx
+
+    def run(self, name, meta, prior, y, idx, steps):
+        import torch
+
+        from reddiff.rng import BatchRNG
+
+        sampler = build_sampler(name, steps, meta)
+        prior.reset_nfe()
+        t0 = time.perf_counter()
+        out = sampler.sample(y, self.op, prior, BatchRNG.for_images(0, idx, self.device))
+        self.sync()
+        return time.perf_counter() - t0, prior.nfe, bool(torch.isfinite(out).all())
+
+    def bare(self, prior, batch, kind, calls, warmup=2):
+        import torch
+
+        from benchmarks.speed import bare_call
+
+        x = torch.randn((batch,) + tuple(prior.shape), device=self.device)
+        v = torch.randn_like(x)
+        for _ in range(warmup):
+            bare_call(prior, x, 500, kind, v)
+        self.sync()
+        times = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            bare_call(prior, x, 999 - 100 * i % 1000, kind, v)
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        prior.reset_nfe()
+        return times
+
+    def time_sampler(self, name, meta, prior, batch) -> dict:
+        a = self.a
+        y, idx = self.problem(prior, batch)
+        self.run(name, meta, prior, y, idx, min(2, a.steps))  # warm-up
+        self.fresh_memory()
+        walls = []
+        for _ in range(a.repeats):
+            wall, nfe, finite = self.run(name, meta, prior, y, idx, a.steps)
+            walls.append(wall)
+        peak = self.peak_mb()
+        wall = statistics.median(walls)
+        r = {"batch": batch, "steps": a.steps, "nfe": nfe, "wall_s": wall, "walls_s": walls, "finite_output": finite,
+             "s_per_image": wall / batch, "peak_gpu_mb": peak, "limit": meta["limit"], "forward_kind": meta["kind"]}
+        if nfe == 0:
+            return {**r, "s_per_step_per_image": None, "forward_ms": None, "wall_over_forward": None,
+                    "pass": None, "note": "no network call (0 NFE)"}
+        fwd = statistics.median(self.bare(prior, batch, meta["kind"], a.forward_repeats))
+        ratio = wall / (nfe * fwd)
+        return {**r, "s_per_step_per_image": wall / (nfe * batch), "forward_ms": fwd * 1e3,
+                "wall_over_forward": ratio, "pass": ratio <= meta["limit"]}
+
+    def memory(self, prior, batch) -> dict:
+        """RED-diff's peak against a bare no_grad loop of as many forward calls at the same batch."""
+        meta = sampler_meta("reddiff")
+        y, idx = self.problem(prior, batch)
+        self.run("reddiff", meta, prior, y, idx, 1)
+        self.fresh_memory()
+        _, nfe, _ = self.run("reddiff", meta, prior, y, idx, self.a.steps)
+        red = self.peak_mb()
+        self.fresh_memory()
+        self.bare(prior, batch, "no_grad", max(nfe, 1), warmup=0)
+        loop = self.peak_mb()
+        weights = sum(p.numel() * p.element_size() for p in prior.parameters()) / 2 ** 20
+        if red is None:
+            return {"batch": batch, "calls": nfe, "not_measured": "no CUDA memory statistics on the CPU"}
+        return {"batch": batch, "calls": nfe, "reddiff_peak_mb": red, "bare_loop_peak_mb": loop,
+                "ratio": red / loop, "weights_mb": weights,
+                "ratio_above_weights": (red - weights) / max(loop - weights, 1e-9)}
+
+    def fits(self, prior, batch, name=None, meta=None) -> tuple[bool, float | None]:
+        """Does one ``--probe-steps`` run (or one bare call of kind ``meta['kind']`` when ``name`` is None) at
+        ``batch`` finish without OOM?  Memory is released either way."""
+        oom = oom_error_class()
+        state = {}
+        error = None
+        try:
+            self.fresh_memory()
+            if name is None:
+                self.bare(prior, batch, meta["kind"], 1, warmup=0)
+            else:
+                state["y"], idx = self.problem(prior, batch)
+                self.run(name, meta, prior, state["y"], idx, self.a.probe_steps)
+            ok = True
+        except oom:
+            ok = False
+        except DeadlineReached:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a kernel's 32-bit indexing limit: this batch does not run
+            ok, error = False, f"{type(e).__name__}: {str(e)[:200]}"
+        peak = self.peak_mb()
+        state.clear()
+        prior.reset_nfe()
+        self.fresh_memory()
+        return (ok, peak) if error is None else (ok, peak, error)
+
+
+def search_max_batch(fits, cap: int, box_s: float, clock=time.monotonic) -> dict:
+    """Largest ``b <= cap`` with ``fits(b)`` (monotone): doubling from 1, then bisection between the last fit and the
+    first failure.  ``fits(b) -> (ok, peak_mb)``, or ``(False, peak_mb, error)`` for a failure that is not an OOM
+    (recorded in ``errors``; it bounds the batch all the same).  When ``box_s`` seconds have passed before a probe,
+    stops and reports the largest fit seen as a lower bound (``status`` "time-boxed")."""
+    end = clock() + box_s
+    lo, hi, probes, b = 0, None, [], 1
+    status = "exact"
+    peaks, errors = {}, {}
+    while True:
+        if hi is None and lo >= cap:
+            status = "cap"
+            break
+        if hi is not None and hi - lo <= 1:
+            break
+        if clock() > end:
+            status = "time-boxed"
+            break
+        ok, peak, *err = fits(b)
+        probes.append([b, ok])
+        peaks[b] = peak
+        if err:
+            errors[str(b)] = err[0]
+        if ok:
+            lo = b
+        else:
+            hi = b
+        b = min(2 * lo, cap) if hi is None else (lo + hi) // 2
+    return {"max_batch": lo, "first_oom": hi, "status": status, "probes": probes, "peak_mb_at_max": peaks.get(lo),
+            "errors": errors}
+
+
+# ============================================================================================ CUDA tests
+def cuda_test_ids(tests_dir: Path) -> list[str]:
+    """Node ids of the test functions whose decorators mention CUDA (skipif on availability, or a cuda mark)."""
+    ids = []
+    for f in sorted(tests_dir.glob("test_*.py")):
+        tree = ast.parse(f.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
+                if any("cuda" in ast.unparse(d).lower() for d in node.decorator_list):
+                    ids.append(f"{f.relative_to(ROOT).as_posix()}::{node.name}")
+    return ids
+
+
+def run_cuda_tests(timeout_s: float, extra_path: str | None) -> dict:
+    import importlib.util
+
+    ids = cuda_test_ids(ROOT / "tests")
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "not run (no pytest)", "tests": ids}
+    if timeout_s < 10:
+        return {"status": "not measured (deadline)", "tests": ids}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([extra_path] if extra_path else [])
+                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *ids], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout_s:.0f} s", "tests": ids}
+    lines = [ln for ln in r.stdout.strip().splitlines() if ln.strip()]
+    summary = lines[-1].strip("= ") if lines else ""
+    status = "passed" if r.returncode == 0 else ("failed" if r.returncode == 1 else f"pytest exit {r.returncode}")
+    if r.returncode == 0 and "skipped" in summary and "passed" not in summary:
+        status = "skipped (no CUDA)"
+    return {"status": status, "returncode": r.returncode, "summary": summary, "tests": ids,
+            "seconds": round(time.monotonic() - t0, 1), "output_tail": (r.stdout + r.stderr)[-3000:]}
+
+
+# ============================================================================================ driver
+def _guard(fn, out: dict, key, deadline, label):
+    """Run one measurement into ``out[key]``: "not measured" past the deadline, the error otherwise."""
+    if deadline.hit or deadline.left() <= 0:
+        deadline.hit = True
+        out[key] = {"not_measured": "deadline"}
+        return
+    t0 = time.monotonic()
+    try:
+        out[key] = fn()
+    except DeadlineReached:
+        out[key] = {"not_measured": "deadline"}
+    except Exception as e:  # noqa: BLE001 - one failing measurement must not lose the others
+        out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if isinstance(out[key], dict):
+        out[key].setdefault("seconds", round(time.monotonic() - t0, 2))
+    print(f"[gpu_check] {label}: {time.monotonic() - t0:.1f} s"
+          + "".join(f" ({k}: {out[key][k]})" for k in ("error", "not_measured") if k in out[key]),
+          file=sys.stderr, flush=True)
+
+
+def measure(a, command: str) -> dict:
+    import torch
+
+    from reddiff.priors.adm import ADM_IMAGENET_256_UNCOND, UNetConfig
+
+    deadline = Deadline(a.budget_s)
+    wheels = use_wheels(Path(a.wheels))
+    device = torch.device("cpu" if a.dry_run else a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from reddiff.errors import UserError
+
+        raise UserError("gpu_check: no CUDA device is available (use --dry-run on a CPU machine)")
+    cfg = UNetConfig(**DRY_RUN_UNET) if a.dry_run else ADM_IMAGENET_256_UNCOND
+    names, source = discover_samplers()
+    if a.samplers:
+        names = [n for n in names if n in a.samplers.split(",")]
+    metas = {}
+    for n in names:
+        try:
+            metas[n] = sampler_meta(n)
+        except Exception as e:  # noqa: BLE001 - reported per sampler
+            metas[n] = {"error": f"{type(e).__name__}: {e}"}
+    bench = Bench(a, device, deadline)
+    res = {"timing": {}, "memory": {}, "max_batch": {}, "cuda_tests": {}}
+    priors = {}
+
+    def prior_for(dt):
+        if dt not in priors:
+            priors.clear()
+            bench.fresh_memory()
+            priors[dt] = make_prior(cfg, device, dt, deadline)
+        return priors[dt]
+
+    budget_frac = None
+    if bench.cuda:
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget_frac = min(1.0, a.memory_gib * GIB / total)
+
+    def max_batch_phase(dt):
+        per = res["max_batch"].setdefault(dt, {})
+        if bench.cuda:
+            torch.cuda.set_per_process_memory_fraction(budget_frac, device)
+        todo = [n for n in names if "error" not in metas[n]] + ["bare no_grad", "bare fwd_bwd"]
+        for i, n in enumerate(todo):
+            if n.startswith("bare"):
+                meta, sname = {"kind": n.split()[1]}, None
+            else:
+                meta, sname = metas[n], n
+                if not meta["has_steps"]:
+                    per[n] = {"n/a": "no network call (0 NFE)"}
+                    continue
+            box = min(a.box_s, max(0.0, deadline.left() - a.reserve_s) / max(1, len(todo) - i))
+            if box <= 0:
+                per[n] = {"not_measured": "deadline"}
+                continue
+            _guard(lambda: max_batch_one(dt, sname, meta, box), per, n, deadline, f"max batch {dt} {n}")
+        if bench.cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+    def max_batch_one(dt, sname, meta, box):
+        prior = prior_for(dt)
+        prior.oom_above = a.dry_oom_batch if a.dry_run else None  # the dry run's simulated OOM, this phase only
+        try:
+            r = search_max_batch(lambda b: bench.fits(prior, b, sname, meta), a.max_batch_cap, box)
+        finally:
+            prior.oom_above = None
+        if not r["probes"]:
+            return {"not_measured": "time box"}
+        return {**r, "simulated_oom": a.dry_run, "box_s": round(box, 1)}
+
+    def cuda_tests():
+        priors.clear()
+        bench.fresh_memory()
+        res["cuda_tests"] = run_cuda_tests(min(a.tests_timeout_s, deadline.left() - 5), wheels.get("path"))
+        print(f"[gpu_check] CUDA tests: {res['cuda_tests']['status']}", file=sys.stderr, flush=True)
+
+    # phases in order of priority: timings (+ RED-diff memory) per dtype, max batch of the first dtype, the CUDA
+    # tests, max batch of the other dtypes
+    for dt in a.dtypes:
+        per = res["timing"].setdefault(dt, {})
+        for n in names:
+            per[n] = {}
+            for b in a.batches:
+                if "error" in metas[n]:
+                    per[n][str(b)] = {"error": metas[n]["error"]}
+                    continue
+                _guard(lambda: bench.time_sampler(n, metas[n], prior_for(dt), b), per[n], str(b), deadline,
+                       f"time {dt} {n} batch {b}")
+        if "reddiff" in metas and "error" not in metas["reddiff"]:
+            _guard(lambda: bench.memory(prior_for(dt), max(a.batches)), res["memory"], dt, deadline,
+                   f"memory {dt} reddiff")
+    if not a.no_max_batch:
+        max_batch_phase(a.dtypes[0])
+    cuda_tests()
+    if not a.no_max_batch:
+        for dt in a.dtypes[1:]:
+            max_batch_phase(dt)
+    elapsed = deadline.elapsed()
+    res["paper"] = PAPER
+    res["not_measured"] = not_measured(res)
+    res["checks"] = checks(res)
+    res["meta"] = {
+        "command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "dry_run": a.dry_run, "machine": machine(device), "network": "tiny ADM UNet (dry run)" if a.dry_run
+        else "ADM ImageNet-256 unconditional (learn_sigma), random weights",
+        "unet_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "n_params": n_params(cfg), "task": "sr4", "operator": bench.op_source,
+        "samplers": names, "sampler_source": source, "sampler_meta": metas, "batches": a.batches,
+        "dtypes": a.dtypes, "steps": a.steps, "repeats": a.repeats, "forward_repeats": a.forward_repeats,
+        "probe_steps": a.probe_steps, "memory_budget_gib": a.memory_gib, "memory_fraction": budget_frac,
+        "max_batch_cap": a.max_batch_cap, "box_s": a.box_s, "budget_s": a.budget_s,
+        "elapsed_s": round(elapsed, 1), "deadline_hit": deadline.hit, "wheels": wheels,
+    }
+    return res
+
+
+def n_params(cfg):
+    """Parameter count of ``cfg``'s UNet, built on the meta device (nothing allocated); None if it cannot be built."""
+    import torch
+
+    from reddiff.priors.adm import UNet
+
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in UNet(cfg).parameters())
+    except Exception:  # noqa: BLE001 - the build error is already reported by every measurement
+        return None
+
+
+def not_measured(res) -> list[str]:
+    out = []
+    for dt, per in res["timing"].items():
+        for n, byb in per.items():
+            out += [f"time {dt} {n} batch {b}: {r['not_measured']}" for b, r in byb.items() if "not_measured" in r]
+    out += [f"memory {dt}: {r['not_measured']}" for dt, r in res["memory"].items() if "not_measured" in r]
+    for dt, per in res["max_batch"].items():
+        out += [f"max batch {dt} {n}: {r['not_measured']}" for n, r in per.items() if "not_measured" in r]
+    if "not_measured" in str(res["cuda_tests"].get("status", "")) or "deadline" in str(res["cuda_tests"].get("status")):
+        out.append(f"CUDA tests: {res['cuda_tests']['status']}")
+    return out
+
+
+def checks(res) -> list[dict]:
+    out = []
+    for dt, per in res["timing"].items():
+        for n, byb in per.items():
+            for b, r in byb.items():
+                if r.get("wall_over_forward") is not None:
+                    out.append({"check": f"{n} wall/fwd ({dt}, batch {b})", "value": r["wall_over_forward"],
+                                "target": r["limit"], "pass": r["pass"]})
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--md", default=None, help="write the Markdown report here (default: next to --json)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny UNet, simulated OOM: tests the code path")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--budget-s", type=float, default=450.0, help="global deadline from process start (default 450)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--samplers", default=None, help="comma-separated subset of the registry (default: all)")
+    p.add_argument("--steps", type=int, default=5, help="steps of each timed run (default 5)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median)")
+    p.add_argument("--forward-repeats", type=int, default=5, help="timed bare calls (median)")
+    p.add_argument("--probe-steps", type=int, default=2, help="steps of a max-batch probe run")
+    p.add_argument("--memory-gib", type=float, default=40.0, help="memory budget of the max-batch search")
+    p.add_argument("--max-batch-cap", type=int, default=512)
+    p.add_argument("--box-s", type=float, default=40.0, help="time box of one max-batch search")
+    p.add_argument("--reserve-s", type=float, default=30.0,
+                   help="seconds the max-batch phase leaves for the CUDA tests and the report")
+    p.add_argument("--tests-timeout-s", type=float, default=90.0)
+    p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch search")
+    p.add_argument("--dry-oom-batch", type=int, default=5, help="dry run: simulated OOM above this batch")
+    p.add_argument("--wheels", default=str(DEFAULT_WHEELS), help="folder of carried wheels (benchmarks.gpu_wheels)")
+    a = p.parse_args(argv)
+    try:
+        a.batches = [int(b) for b in a.batches.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {a.batches!r}")
+    a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    if not a.batches or min(a.batches) < 1 or min(a.steps, a.repeats, a.forward_repeats, a.probe_steps) < 1:
+        p.error("batches, steps and repeats must be >= 1")
+    bad = [d for d in a.dtypes if d not in ("fp32", "bf16", "fp16")]
+    if bad or not a.dtypes:
+        p.error(f"--dtypes: unknown {bad}; use fp32, bf16, fp16")
+    return a
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(argv)
+    command = "python -m benchmarks.gpu_check" + ("" if not argv else " " + shlex.join(argv))
+    from benchmarks.gpu_report import markdown
+
+    try:
+        res = measure(a, command)
+    except Exception as e:  # noqa: BLE001 - UserError: one line, exit 2
+        from reddiff.errors import UserError
+
+        if isinstance(e, UserError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    text = json.dumps(res, indent=2, default=str)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(text + "\n")
+    md = a.md or (str(Path(a.json).with_suffix(".md")) if a.json else None)
+    if md:
+        Path(md).parent.mkdir(parents=True, exist_ok=True)
+        Path(md).write_text(markdown(res))
+    if not a.json:
+        print(text)
+    print(f"[gpu_check] done in {res['meta']['elapsed_s']:.0f} s; not measured: {len(res['not_measured'])}",
+          file=sys.stderr)
+    return res
+
+
+if __name__ == "__main__":
+    main()
