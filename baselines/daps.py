@@ -1,0 +1,235 @@
+"""DAPS: decoupled annealing posterior sampling (Zhang, Chu, Berner, Meng, Anandkumar, Song, CVPR 2025,
+arXiv 2407.01521; code zhangbingliang2019/DAPS, ``sampler.py`` and ``cores/``).
+
+DAPS works in the variance-exploding (EDM) parametrisation ``x_sigma = x0 + sigma n``.  Our priors are VP
+(``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) e``, DDPM schedule), and the conversion is exact: ``sigma_t =
+sqrt((1 - a_t) / a_t)``, ``x_VE = x_VP / sqrt(a_t)``, the same ``eps``, so the EDM denoiser is
+``D(x, sigma_t) = x - sigma_t eps(sqrt(a_t) x, t)``.  The network exists only at the discrete ``t``, so every
+continuous noise level of DAPS's schedules is snapped to the nearest discrete ``sigma_t`` (in log sigma) and the
+snapped value is used everywhere (ODE steps, Langevin prior width, re-noising), which keeps each step consistent
+with the level the network was evaluated at.  For the annealing levels ``sigma_0 > ... > sigma_{N-1}`` (EDM
+"poly-7" grid from ``sigma_max`` to ``sigma_min``, N + 1 points, the last dropped; ``cores/scheduler.py:38-44,
+272-315``) one step is
+
+1. ``x0_hat``: the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma = eps`` from ``sigma_k`` to
+   ``ode_sigma_min`` with ``ode_steps`` Euler steps on a poly-7 grid (``cores/scheduler.py:366-408``,
+   ``sampler.py:66-70``); in VP terms each Euler step is exactly a DDIM (eta = 0) step.  One network call per step.
+2. Langevin on ``p(x0 | x_k, y) ~ N(x0; x0_hat, r_k^2 I) exp(-||y - A(x0)||^2 / tau^2)`` with ``r_k = sigma_k``
+   (``cores/mcmc.py:46-50, 72, 88``): ``x <- x + lr_k [-grad ||A(x) - y||^2 / tau^2 + (x0_hat - x) / r_k^2]
+   + sqrt(2 lr_k) z``, started at ``x0_hat``, ``lr_k = lr (1 + k / (N + 1) (lr_min_ratio - 1))``
+   (``cores/mcmc.py:174-180``, ``sampler.py:73``).  Only the data term's gradient is needed (adjoint for linear
+   operators, autograd through ``forward`` otherwise): nonlinear operators work, and no network gradient.
+3. Re-noise: ``x_{k+1} = x0_y + sigma_{k+1} n`` (``sigma_N = 0``: the last ``x0_y`` is returned).
+
+``tau`` keeps the official convention (likelihood ``exp(-||.||^2 / tau^2)``, i.e. noise std ``tau / sqrt(2)``);
+``tau=None`` uses the true likelihood of the operator, ``tau = sqrt(2) * noise_std``.  Exactness (tests): for a
+Gaussian prior and ``ode_steps=1, ode_sigma_min=0`` (``x0_hat`` = Tweedie), the low-noise steps are unadjusted
+Langevin on the posterior with step ``sigma_k^2``, so the output tends to the exact posterior as the annealing and
+Langevin steps grow; the multi-step ODE endpoint instead shrinks by ``1/sqrt(1 + sigma^2)`` rather than
+``1/(1 + sigma^2)`` and the chain then targets a prior of twice the variance (measured in docs/SAMPLERS.md).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from reddiff.samplers.base import Sampler, bcast, validate_steps
+
+
+def ve_sigmas(schedule) -> torch.Tensor:
+    """``sigma_t = sqrt((1 - a_t) / a_t)`` for ``t = 0..T-1`` (float64, increasing)."""
+    a = schedule.alpha_bar
+    return ((1 - a) / a).sqrt()
+
+
+def snap(sigma: float, sigmas: torch.Tensor) -> int:
+    """The discrete ``t`` whose ``sigma_t`` is nearest to ``sigma`` in log scale."""
+    return int(torch.argmin((sigmas.log() - math.log(sigma)).abs()))
+
+
+def poly_grid(s_max: float, s_min: float, n: int, p: float = 7.0) -> list[float]:
+    """EDM "poly-p" grid: ``(s_max^(1/p) + r (s_min^(1/p) - s_max^(1/p)))^p`` for ``r = linspace(0, 1, n)``
+    (``cores/scheduler.py:278``; the same formula as EDM's Karras schedule)."""
+    a, b = s_max ** (1 / p), s_min ** (1 / p)
+    return [(a + (i / (n - 1)) * (b - a)) ** p if n > 1 else s_max for i in range(n)]
+
+
+def data_grad(x: torch.Tensor, y: torch.Tensor, operator) -> torch.Tensor:
+    """``grad_x ||A(x) - y||^2`` per item: ``2 A^T (A x - y)`` for linear operators, autograd otherwise."""
+    if operator.linear:
+        return 2.0 * operator.adjoint(operator.forward(x) - y)
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        loss = (operator.forward(xg) - y).square().sum()
+        (g,) = torch.autograd.grad(loss, xg)
+    return g
+
+
+def gaussian_conditional(m: torch.Tensor, r2, prec, y: torch.Tensor, operator, rng) -> torch.Tensor:
+    """One exact draw from ``N(x; m, r2 I) exp(-prec/2 ||y - A x||^2)`` for an SVD operator ``A = U S V^T``:
+    independent in the spectral basis, component ``i`` with precision ``1/r2 + prec s_i^2`` and mean
+    ``(mb_i / r2 + prec s_i (U^T y)_i) / (1/r2 + prec s_i^2)`` (``mb = V^T m``); null-space components keep
+    ``N(mb_i, r2)``.  ``r2``/``prec`` are floats or per-item ``(B, 1)`` tensors.  The limit of infinitely many
+    Langevin steps on the same target (DAPS's inner chain, PnP-DM's likelihood step)."""
+    B = m.shape[0]
+    mb = operator.Vt(m)
+    s = operator.singulars().to(mb)
+    s = s.reshape(1, -1) if s.ndim == 1 else s
+    k = s.shape[1]
+    uty = operator.Ut(y)[:, :k]
+    p_k = 1.0 / r2 + prec * s.square()
+    mu = mb.clone()
+    mu[:, :k] = (mb[:, :k] / r2 + prec * s * uty) / p_k
+    std = torch.full_like(mb, 1.0) * (r2 ** 0.5 if isinstance(r2, float) else r2.sqrt())
+    std[:, :k] = p_k.rsqrt().expand(B, k)
+    return operator.V(mu + std * rng.randn(mb.shape, dtype=mb.dtype).to(mb.device)).reshape(m.shape)
+
+
+def per_item_value(name: str, v, allow_none: bool = False):
+    """A positive finite float or a list of them (one per batch item); ``None`` passes when allowed."""
+    if v is None and allow_none:
+        return None
+    vals = [v] if isinstance(v, (int, float)) else list(v)
+    if not vals or any(isinstance(u, bool) or not (math.isfinite(float(u)) and float(u) > 0) for u in vals):
+        raise ValueError(f"daps: {name} must be a positive finite number (or one per item), got {v!r}")
+    return float(vals[0]) if isinstance(v, (int, float)) else [float(u) for u in vals]
+
+
+class DAPS(Sampler):
+    """DAPS sampler (defaults: DAPS-1K, ``configs/sampler/edm_daps.yaml`` and ``configs/task/*.yaml`` "pixel").
+
+    Args:
+        steps: annealing levels N (200).  Network calls per image: about ``steps * ode_steps``
+            (:meth:`expected_nfe` is exact: ODE steps that snap onto one discrete level are skipped).
+        ode_steps: Euler steps of the inner PF-ODE (5).
+        sigma_max, sigma_min: annealing range in VE units (100, 0.1).
+        ode_sigma_min: where the inner ODE stops (0.01; 0 = finish with a full denoising step, Tweedie).
+        poly: exponent of the poly grids (7).
+        langevin_steps, lr, lr_min_ratio: the inner Langevin chain (100, 1e-4, 0.01); ``lr`` may be per item.
+        tau: data-term scale, official convention (0.01); per item allowed; ``None``: ``sqrt(2) * noise_std``.
+        mcmc: ``"langevin"`` (official) or ``"exact"``: draw ``x0_y`` exactly from the same Gaussian target
+            (:func:`gaussian_conditional`, SVD operators only), the limit of infinitely many Langevin steps.
+        spacing: accepted for the compat profile; DAPS uses sigma grids, not strided timesteps.
+        log_every: callback every ``log_every`` annealing levels and at the last one.
+    """
+
+    name = "daps"
+    requires: tuple = ()
+    needs_grad = False
+    per_item = ("lr", "tau")
+    # GMM settings: python -m benchmarks.gmm_posterior --tune --samplers daps --dims 8,80 --dims-y 1,4
+    # --problems 3 --samples 500 (tuning seed); budget-bound sizes, see docs/SAMPLERS.md
+    gmm_hparams = {"steps": 25, "ode_steps": 1, "ode_sigma_min": 0.0, "langevin_steps": 8, "lr": 0.1,
+                   "lr_min_ratio": 0.1, "tau": None}
+    gmm_tune_grid = {"lr": [0.03, 0.1, 0.3], "lr_min_ratio": [0.1, 0.3, 1.0]}
+    test_overrides = {"steps": 6, "ode_steps": 2, "langevin_steps": 3, "tau": None}
+    # Tweedie x0_hat (one Euler step to sigma = 0): the variant that is asymptotically exact (module docstring);
+    # lr below 2 / (max curvature) of this problem.  Errors at 120 levels: about 0.06 / 0.06 (tests/test_daps.py)
+    exact_gaussian = {"overrides": {"steps": 120, "ode_steps": 1, "ode_sigma_min": 0.0, "sigma_max": 20.0,
+                                    "sigma_min": 0.05, "langevin_steps": 30, "lr": 0.005, "lr_min_ratio": 0.3,
+                                    "tau": None},
+                      "mean_tol": 0.12, "cov_tol": 0.12}
+
+    def __init__(self, steps: int = 200, ode_steps: int = 5, sigma_max: float = 100.0, sigma_min: float = 0.1,
+                 ode_sigma_min: float = 0.01, poly: float = 7.0, langevin_steps: int = 100, lr=1e-4,
+                 lr_min_ratio: float = 0.01, tau=0.01, mcmc: str = "langevin", spacing: str = "default",
+                 log_every: int = 10):
+        self.steps = validate_steps("daps", steps)
+        self.ode_steps = validate_steps("daps (ode_steps)", ode_steps)
+        if isinstance(langevin_steps, bool) or not isinstance(langevin_steps, int) or langevin_steps < 0:
+            raise ValueError(f"daps: langevin_steps must be an integer >= 0, got {langevin_steps!r}")
+        self.langevin_steps = langevin_steps
+        self.sigma_max, self.sigma_min, self.ode_sigma_min = float(sigma_max), float(sigma_min), float(ode_sigma_min)
+        if not (math.isfinite(self.sigma_max) and self.sigma_max > self.sigma_min > 0):
+            raise ValueError(f"daps: need sigma_max > sigma_min > 0, got {sigma_max}, {sigma_min}")
+        if not 0 <= self.ode_sigma_min < self.sigma_min:
+            raise ValueError(f"daps: need 0 <= ode_sigma_min < sigma_min, got {ode_sigma_min}")
+        if not (math.isfinite(float(poly)) and float(poly) > 0):
+            raise ValueError(f"daps: poly must be > 0, got {poly}")
+        self.poly = float(poly)
+        self.lr = per_item_value("lr", lr)
+        self.tau = per_item_value("tau", tau, allow_none=True)
+        if not 0 < float(lr_min_ratio) <= 1:
+            raise ValueError(f"daps: lr_min_ratio must be in (0, 1], got {lr_min_ratio}")
+        self.lr_min_ratio = float(lr_min_ratio)
+        if mcmc not in ("langevin", "exact"):
+            raise ValueError(f"daps: mcmc must be 'langevin' or 'exact', got {mcmc!r}")
+        self.mcmc = mcmc
+        if mcmc == "exact":
+            self.requires = ("svd",)
+        self.spacing = spacing
+        self.log_every = max(1, int(log_every))
+
+    # ------------------------------------------------------------------ schedule (snapped to the prior's levels)
+    def plan(self, prior) -> list[tuple[int, float, list[tuple[int, float]], float]]:
+        """Per annealing level ``(t_k, sigma_k, ode, sigma_{k+1})``; ``ode`` is the list of snapped ODE points
+        ``(t, sigma)`` from ``(t_k, sigma_k)`` down (``(-1, 0.0)`` for ``ode_sigma_min = 0``), consecutive
+        duplicates removed: one Euler step, one network call, per pair of consecutive points."""
+        sig = ve_sigmas(prior.schedule)
+        if self.sigma_max > float(sig[-1]) * 1.01:
+            raise ValueError(f"daps: sigma_max={self.sigma_max:g} exceeds the prior's largest noise level "
+                             f"{float(sig[-1]):.4g}")
+        levels = [snap(s, sig) for s in poly_grid(self.sigma_max, self.sigma_min, self.steps + 1, self.poly)[:-1]]
+        out = []
+        for k, t in enumerate(levels):
+            pts: list[tuple[int, float]] = []
+            for s in poly_grid(float(sig[t]), self.ode_sigma_min, self.ode_steps + 1, self.poly):
+                j = snap(s, sig) if s > 0 else -1
+                if not pts or j != pts[-1][0]:
+                    pts.append((j, float(sig[j]) if j >= 0 else 0.0))
+            s_next = float(sig[levels[k + 1]]) if k + 1 < len(levels) else 0.0
+            out.append((t, float(sig[t]), pts, s_next))
+        return out
+
+    def expected_nfe(self, prior) -> int:
+        return sum(len(pts) - 1 for _, _, pts, _ in self.plan(prior))
+
+    # ------------------------------------------------------------------ sampling
+    def _ode(self, x, pts, prior):
+        """Euler steps of the PF-ODE in VE coordinates through the snapped points (one network call each)."""
+        for (t, s), (_, s_next) in zip(pts[:-1], pts[1:]):
+            a = float(prior.schedule.alpha_bar_at(t))
+            eps = prior.eps(math.sqrt(a) * x, t)
+            x = x + (s_next - s) * eps
+        return x
+
+    def _coef(self, value, B, like, name):
+        if isinstance(value, list) and len(value) != B:
+            raise ValueError(f"daps: per-item {name} has {len(value)} values for a batch of {B}")
+        return bcast(torch.as_tensor(value, dtype=torch.float64), like)
+
+    def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:
+        self.check(operator)
+        self.check_prior(prior)
+        plan = self.plan(prior)
+        B = y.shape[0]
+        shape = self.sample_shape(y, prior)
+        like = torch.empty(shape, dtype=y.dtype, device=y.device)
+        if self.tau is None:
+            if not operator.noise_std > 0:
+                raise ValueError("daps: tau=None (the operator's own likelihood) needs a noisy operator "
+                                 "(sigma_y > 0); give tau explicitly for noiseless tasks")
+            tau = self._coef(math.sqrt(2.0) * operator.noise_std, B, like, "tau")
+        else:
+            tau = self._coef(self.tau, B, like, "tau")
+        inv_tau2 = 1.0 / tau.square()
+        lr0 = self._coef(self.lr, B, like, "lr")
+        last = len(plan) - 1
+        with torch.no_grad():
+            x = plan[0][1] * rng.randn(shape, dtype=y.dtype).to(y.device)
+            for k, (t, s_k, pts, s_next) in enumerate(plan):
+                x0_hat = self._ode(x, pts, prior)
+                lr = lr0 * (1.0 + k / (self.steps + 1) * (self.lr_min_ratio - 1.0))
+                noise_scale = (2.0 * lr).sqrt()
+                z = x0_hat
+                if self.mcmc == "exact":
+                    z = gaussian_conditional(x0_hat, s_k ** 2, 2.0 * inv_tau2, y, operator, rng)
+                for _ in range(self.langevin_steps if self.mcmc == "langevin" else 0):
+                    score = (x0_hat - z) / s_k ** 2 - data_grad(z, y, operator) * inv_tau2
+                    z = z + lr * score + noise_scale * rng.randn(shape, dtype=y.dtype).to(y.device)
+                x = z + s_next * rng.randn(shape, dtype=y.dtype).to(y.device) if s_next > 0 else z
+                if callback is not None and self.should_log(k, last):
+                    callback(k, {"t": t, "sigma": s_k, "x0": z})
+        return x.detach()
