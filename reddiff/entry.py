@@ -45,15 +45,17 @@ def preflight(argv: list[str]) -> None:
             _fail(f"{key}={val} is not writable")
 
 
-def _job(cfg) -> None:
+def _job(cfg):
+    """One job; returns the objective (mean PSNR, :func:`reddiff.tune.objective`) for Hydra's sweepers."""
     from hydra.core.hydra_config import HydraConfig
 
     from .errors import UserError
     from .experiment import run
+    from .tune import apply_tuned, objective
 
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, job_dir)
+        return objective(cfg, run(apply_tuned(cfg), job_dir))
     except UserError as e:
         # one clear line, no traceback; earlier results in the job dir are kept
         msg = f"error: {e}"
@@ -64,14 +66,17 @@ def _job(cfg) -> None:
         except OSError:
             pass
         if HydraConfig.get().mode.name == "MULTIRUN":
-            return  # the sweep goes on; its table shows this job as failed
+            return float("nan")  # the sweep goes on; its table shows this job as failed
         sys.exit(2)
 
 
 def main() -> None:
     import hydra
 
+    from .tune import register
+
     preflight(sys.argv[1:])
+    register()  # the generated tune/<sampler> configs (+tune=NAME), from each sampler's declared space
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(_job)()
 
 

@@ -1,0 +1,141 @@
+"""``make tune``: tune every registry sampler that declares a space, with the same trial budget, and write the
+tuned presets.
+
+    python -m reddiff.make_tune [--prior embedded] [--tasks inpaint_freeform,sr4] [--trials 10] [--images 2]
+                                [--steps N] [--samplers reddiff,dps,...]
+
+For each task and each sampler able to run it, one ``python run.py -m +tune=<sampler> task=<task>
+sampler.steps=<S>`` (Hydra's Optuna sweeper, :mod:`reddiff.tune`) in ``multirun/tune/<prior>/<task>_s<S>/<sampler>``;
+``S`` is the sampler's own step count for the task (its YAML: 100 for RED-diff, DPS, Pi-GDM; 20 for DDRM, the
+counts of the demo tables) unless ``--steps`` sets one for all.  Then:
+
+* ``results/tune/<prior>/<task>_s<S>/<sampler>/``: copies of Hydra's ``optimization_results.yaml`` and the
+  sweep's ``table.md`` (every trial);
+* ``conf/tuned/<prior>/<task>_s<S>.yaml``: the best settings of every sampler for that (prior, task, step count);
+* ``conf/tuned/<prior>.yaml``: the ``+tuned=<prior>`` preset, which includes every file of ``conf/tuned/<prior>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def can_run(sampler: str, task: str) -> bool:
+    from .registry import sampler_info, task_info
+
+    req, t = set(sampler_info(sampler)["requires"]), task_info(task)
+    if "svd" in req and not t["svd"]:
+        return False
+    return not (req & {"adjoint", "linear"}) or t["linear"]
+
+
+def default_steps(sampler: str, task: str) -> int:
+    from .registry import sampler_config
+
+    return int(sampler_config(sampler, task)["steps"])
+
+
+def tune_one(prior: str, task: str, sampler: str, steps: int, trials: int, images: int, log) -> dict:
+    sweep = ROOT / "multirun" / "tune" / prior / f"{task}_s{steps}" / sampler
+    shutil.rmtree(sweep, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"+tune={sampler}", f"task={task}", f"prior={prior}",
+           f"sampler.steps={steps}", f"hydra.sweeper.n_trials={trials}", f"data.count={images}",
+           f"hydra.sweep.dir={sweep}"]
+    t0 = time.time()
+    log(f"[make_tune] {' '.join(cmd[1:])}")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    res = sweep / "optimization_results.yaml"
+    if r.returncode != 0 or not res.is_file():
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise SystemExit(f"error: tuning {sampler} on {task} failed (exit {r.returncode}):\n{tail}")
+    out = ROOT / "results" / "tune" / prior / f"{task}_s{steps}" / sampler
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("optimization_results.yaml", "table.md"):
+        if (sweep / name).is_file():
+            shutil.copy2(sweep / name, out / name)
+    best = yaml.safe_load(res.read_text())
+    params = {k.split(".", 1)[1]: v for k, v in best["best_params"].items()}
+    log(f"[make_tune]   best {best['best_value']:.3f} with {params} ({time.time() - t0:.0f} s)")
+    return {"params": params, "best_value": float(best["best_value"]), "seconds": round(time.time() - t0, 1)}
+
+
+def write_task_file(prior: str, task: str, steps: int, results: dict, meta: dict) -> Path:
+    path = ROOT / "conf" / "tuned" / prior / f"{task}_s{steps}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# @package tuned.table.{task}.s{steps}",
+             f"# Tuned settings for prior={prior}, task={task}, {steps} steps (written by make tune, {meta['date']}):",
+             f"#   {meta['command']}",
+             f"# Each: {meta['trials']} Optuna trials (TPE, seed 0) on data=tune count={meta['images']}, objective "
+             "mean PSNR on the tuning split;",
+             f"# Hydra's optimization_results.yaml: results/tune/{prior}/{task}_s{steps}/<sampler>/"]
+    body = {}
+    if path.is_file():  # samplers tuned by an earlier run (e.g. --samplers subset) are kept
+        body = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in results}
+        lines += [f"# {k}: from an earlier make tune run" for k in sorted(body)]
+    for sampler, r in sorted(results.items()):
+        lines.append(f"# {sampler}: best {r['best_value']:.3f} dB on the tuning split ({r['seconds']:.0f} s)")
+        body[sampler] = r["params"]
+    path.write_text("\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=True, default_flow_style=False))
+    return path
+
+
+def write_preset(prior: str, meta: dict) -> Path:
+    d = ROOT / "conf" / "tuned" / prior
+    files = sorted(p.stem for p in d.glob("*.yaml"))
+    lines = ["# @package _global_",
+             f"# +tuned={prior}: the equal-budget tuned settings of every sampler on prior={prior}, per (task, step",
+             "# count); reddiff.tune.apply_tuned sets them on the job's sampler (keys given on the command line win)",
+             "# and a (task, sampler, steps) that was not tuned keeps its official settings.",
+             f"# Regenerate: make tune ({meta['date']}).  Per-(task, steps) files: conf/tuned/{prior}/.",
+             "defaults:"] + [f"  - {prior}/{f}" for f in files] + ["  - _self_", "", "tuned:", f"  prior: {prior}"]
+    path = ROOT / "conf" / "tuned" / f"{prior}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    from .tune import N_IMAGES, N_TRIALS, tunable
+
+    p = argparse.ArgumentParser(prog="python -m reddiff.make_tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prior", default="embedded")
+    p.add_argument("--tasks", default="inpaint_freeform,sr4")
+    p.add_argument("--trials", type=int, default=N_TRIALS)
+    p.add_argument("--images", type=int, default=N_IMAGES)
+    p.add_argument("--steps", type=int, default=None, help="one step count for every sampler (default: its own)")
+    p.add_argument("--samplers", default="all", help="comma list, or 'all' (every sampler with a tune_space)")
+    a = p.parse_args(argv)
+    spaces = tunable()
+    names = sorted(spaces) if a.samplers == "all" else a.samplers.split(",")
+    unknown = [n for n in names if n not in spaces]
+    if unknown:
+        print(f"error: no tune_space declared by: {', '.join(unknown)}; tunable: {', '.join(sorted(spaces))}",
+              file=sys.stderr)
+        return 2
+    meta = {"date": datetime.date.today().isoformat(), "trials": a.trials, "images": a.images,
+            "command": "python -m reddiff.make_tune " + " ".join(argv if argv is not None else sys.argv[1:])}
+    for task in a.tasks.split(","):
+        by_steps: dict[int, dict] = {}
+        for name in names:
+            if not can_run(name, task):
+                print(f"[make_tune] {name} cannot run {task}: skipped", flush=True)
+                continue
+            steps = a.steps or default_steps(name, task)
+            by_steps.setdefault(steps, {})[name] = tune_one(a.prior, task, name, steps, a.trials, a.images,
+                                                            lambda s: print(s, flush=True))
+        for steps, results in by_steps.items():
+            print(f"[make_tune] wrote {write_task_file(a.prior, task, steps, results, meta)}", flush=True)
+    print(f"[make_tune] wrote {write_preset(a.prior, meta)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
