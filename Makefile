@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench tables results clean-venv
+.PHONY: setup demo test test-fast bench tables results clean-venv gpu-wheels gpu-check gpu-check-dry
 
 DEMO_PRESETS := demo_table1 demo_sr4 demo_weighting demo_order demo_steps
 
@@ -29,6 +29,19 @@ test-fast: setup
 bench: setup  ## regenerate results/speed.md and results/gmm_posterior.md
 	$(PY) -m benchmarks.speed --json results/speed.json
 	$(PY) -m benchmarks.gmm_posterior --json results/gmm_posterior.json --md results/gmm_posterior.md --plot results/gmm_posterior_2d.png --workers 2
+
+# GPU check (docs/GPU_CHECK.md). gpu-check runs on the GPU machine with its own python (no .venv there):
+# make gpu-check GPU_PY=python3.  gpu-wheels (here, with internet) fills gpu_wheels/ for it to carry.
+GPU_PY ?= python3
+
+gpu-wheels: setup  ## download the pinned wheels the GPU machine lacks into gpu_wheels/
+	$(PY) -m benchmarks.gpu_wheels
+
+gpu-check:  ## on a CUDA machine: ADM-256 cost per step, max batch, memory, CUDA tests -> results/gpu.{json,md} (< 8 min)
+	$(GPU_PY) -m benchmarks.gpu_check --json results/gpu.json --md results/gpu.md
+
+gpu-check-dry: setup  ## the same code on the CPU with a tiny UNet (about a minute)
+	$(PY) -m benchmarks.gpu_check --dry-run --json /tmp/gpu_check_dry.json --md /tmp/gpu_check_dry.md
 
 tables: setup  ## rebuild table.md/table.csv of every committed sweep under results/
 	for d in results/*/; do [ -n "$$(find $$d -name summary.json -print -quit)" ] && $(PY) -m reddiff.tables $$d > /dev/null; done; true
