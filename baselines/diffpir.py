@@ -113,6 +113,10 @@ class DiffPIR(Sampler):
     def expected_nfe(self, prior) -> int:
         return len(self.visited(prior))
 
+    def rho(self, a_t: float, sigma_y: float) -> float:
+        """``lam sigma_n^2 / sigma_t^2`` with ``sigma_t^2 = (1 - a_t) / a_t`` and ``sigma_n = max(floor, sigma_y)``."""
+        return self.lam * max(self.sigma_floor, float(sigma_y)) ** 2 * a_t / (1 - a_t)
+
     # ------------------------------------------------------------------ data proximal step
     def _use_svd(self, operator) -> bool:
         if self.data_step == "svd" and not isinstance(operator, SVDOperator):
@@ -151,7 +155,6 @@ class DiffPIR(Sampler):
         ts = self.visited(prior)
         sch = prior.schedule
         shape = self.sample_shape(y, prior)
-        sig_n2 = max(self.sigma_floor, float(operator.sigma_y)) ** 2
         a0 = float(sch.alpha_bar_at(ts[0]))
         x = math.sqrt(a0) * operator.pinv(y).reshape(shape).to(y.dtype) \
             + math.sqrt(1 - a0) * self.init_noise(rng, y, prior)
@@ -164,7 +167,7 @@ class DiffPIR(Sampler):
             if self.clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
             if i < last or self.last_step == "prox":
-                rho = self.lam * sig_n2 * a_t / (1 - a_t)
+                rho = self.rho(a_t, operator.sigma_y)
                 x0 = self.prox_svd(x0, y, operator, rho) if use_svd else self.prox_grad(x0, y, operator, rho)
             if callback is not None and self.should_log(i, last):
                 callback(i, {"t": t, "x0": x0})
