@@ -109,8 +109,11 @@ def _label(summary: dict, varying: set) -> str:
     return " ".join(ov) if ov else f"{summary.get('task')} / {summary.get('sampler')}"
 
 
-def build_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
-    """Header, rows and footnotes of the table."""
+def build_rows(summaries: list[dict], ref: str | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, rows and footnotes of the table.  Per-image metrics show ``mean ± half-width`` of the interval of
+    :mod:`reddiff.stats` (clustered by source photo, recomputed from each job's metrics.csv); ``ref`` (a sampler
+    name) adds the paired difference of each job's first metric to that sampler's job on the same task."""
+    from . import stats
     metrics = [m for m in METRIC_ORDER if any(m in s.get("metrics", {}) for s in summaries)]
     keys = {}
     for s in summaries:
@@ -120,14 +123,21 @@ def build_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]], list[
     varying = {k for k, vs in keys.items() if len(vs) > 1 or len(summaries) == 1}
     paper_metrics = [m for m in METRIC_ORDER if any(m in lookup(s.get("task"), s.get("sampler")) for s in summaries)]
     header = ["job", "task", "sampler", "n"] + metrics + ["NFE/img", "s/img"] + [f"paper {m}" for m in paper_metrics]
-    rows, sources = [], {}
+    refs = {s.get("task"): s for s in summaries if ref and s.get("sampler") == ref and s.get("status") == "ok"}
+    if ref:
+        header.append(f"Δ{metrics[0]} vs {ref} [95%]" if metrics else f"Δ vs {ref}")
+    rows, sources, methods = [], {}, set()
     for s in summaries:
         if s.get("status") == "n/a":
             cells = ["n/a"] * len(metrics) + ["-", "-"]
         elif s.get("status") != "ok":
             cells = [s.get("status", "?")] * len(metrics) + ["-", "-"]
         else:
-            cells = [fmt_metric(s["metrics"].get(m, {"missing": "not requested"}), 3 if m in ("ssim", "lpips") else 2)
+            ivs = stats.table_intervals(s.get("_dir"), [m for m in metrics if m not in ("kid", "fid", "top1", "top5")])
+            methods.update(iv["method"] for iv in ivs.values() if iv.get("half") is not None)
+            cells = [stats.interval_cell(ivs[m], 3 if m in ("ssim", "lpips") else 2)
+                     if m in ivs and not s["metrics"].get(m, {}).get("diverged")
+                     else fmt_metric(s["metrics"].get(m, {"missing": "not requested"}), 3 if m in ("ssim", "lpips") else 2)
                      for m in metrics]
             c = s.get("cost", {})
             cells += [f"{c['nfe_per_image']:.0f}" if c.get("nfe_per_image") is not None else "-",
@@ -141,8 +151,15 @@ def build_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]], list[
                 pcells.append(f"{v:g} ({tag})")
             else:
                 pcells.append("")
+        if ref:
+            r = refs.get(s.get("task"))
+            pcells.append("" if r is None or r is s or not metrics or s.get("status") != "ok" else stats.fmt_interval(
+                stats.paired(stats.read_metric(Path(s["_dir"]), metrics[0]),
+                             stats.read_metric(Path(r["_dir"]), metrics[0])), signed=True))
         rows.append([_label(s, varying), str(s.get("task")), str(s.get("sampler")), str(s.get("n_images", 0))] + cells + pcells)
-    notes = []
+    notes = [f"±: {m}" for m in sorted(methods)]
+    if ref:
+        notes.append(f"Δ vs {ref}: paired per-image difference on the same images, same interval rule")
     missing = {}
     for s in summaries:
         for m, v in s.get("metrics", {}).items():
@@ -220,6 +237,7 @@ def main(argv=None) -> None:
     p.add_argument("dir", help="sweep dir (or any folder holding job dirs)")
     p.add_argument("--format", choices=["md", "csv", "tex"], default="md")
     p.add_argument("--no-write", action="store_true", help="print only; do not (re)write table.md/table.csv")
+    p.add_argument("--ref", default=None, help="sampler name: add the paired difference to it (printed only)")
     a = p.parse_args(argv)
     root = Path(a.dir)
     if not root.is_dir():
@@ -231,7 +249,7 @@ def main(argv=None) -> None:
         raise SystemExit(2)
     if not a.no_write:
         write_tables(root)
-    header, rows, notes = build_rows(summaries)
+    header, rows, notes = build_rows(summaries, ref=a.ref)
     print(render(header, rows, notes, a.format), end="")
 
 
