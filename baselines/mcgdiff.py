@@ -1,0 +1,91 @@
+"""MCG-diff: Monte Carlo guided diffusion (Cardoso, Janati El Idrissi, Le Corff, Moulines, ICLR 2024;
+official code gabrielvc/mcg_diff, ``mcg_diff/particle_filter.py``).
+
+SMC in the SVD basis (:mod:`reddiff.samplers.smc`).  Observed coordinate ``i`` (``s_i > 0``) carries
+``y_hat_i = x0_i + sqrt(r_i) e`` with ``r_i = sigma_y^2 / s_i^2``.  Its pinning level ``L_i`` is the first level
+whose diffusion noise is not above the data noise, ``(1 - a_L)/a_L <= r_i`` (``a`` = alpha_bar; ``L_i = S``,
+the clean level, when sigma_y = 0).  Since ``N(y_hat_i; x0_i, r_i) ∝ N(sqrt(a_L) y_hat_i; x_{L,i}, kappa_i)``
+integrated over the forward kernel ``x_{L,i} | x0`` with ``kappa_i = a_L r_i - (1 - a_L) >= 0``, the posterior is
+exactly the marginal of the backward chain with the terminal potential ``N(sqrt(a_L) y_hat_i; x_{L,i}, kappa_i)``
+at level ``L_i``.  Before it (``L < L_i``) the potential is that pseudo-observation pushed forward,
+
+    g_{L,i}(x) = N(sqrt(a_L) y_hat_i; x, 1 - rho + rho kappa_i),   rho = a_L / a_{L_i}
+
+(the official ``1 - (1 - kappa) a_t / a_tau``, particle_filter.py:102-107), and after it the coordinate follows the
+prior's backward kernel.  The weight of a step is ``∫ p(x' | x) g_L(x') dx' / g_{L-1}(x)`` over the coordinates
+still active at ``L`` (particle_filter.py:100-109), ancestors are resampled every step and the active coordinates
+are drawn from the Gaussian product (particle_filter.py:115-120).  The backward kernel is DDIM with ``eta``
+(official eta = 1, particle_filter.py:48).  Exact as N grows, up to the Gaussian backward kernel of the strided chain.
+
+Differences from the official code: the pinning level and ``kappa_i`` are exact per coordinate (the official picks
+the nearest timestep, utils.py:128-133, and uses one ``gaussian_var`` for all; here ``kappa`` is only a floor, needed
+when sigma_y = 0); the potential of a coordinate is not divided out at the step after its pinning level (it is part
+of the target; the official divides, which with a tiny kappa multiplies the weights by an independent heavy-tailed
+factor); the chain runs to alpha_bar = 1 and the noisy case needs no final likelihood reweighting (the official
+multiplies by p(y | x0) at the end, particle_filter.py:146-149); the official script returns one particle per run
+drawn by the final weights (scripts/viz_gaussian.py:150-151), as here; any strided schedule (no singular-value
+adapted timesteps, utils.py:136-155).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from reddiff.samplers.smc import SpectralSMC
+
+
+class MCGDiff(SpectralSMC):
+    """MCG-diff sampler; needs an SVD operator.
+
+    Args:
+        steps: network evaluations per particle (official scripts: 100, scripts/viz_gaussian.py:129).
+        particles: N particles per item (official GMM script 128, scripts/viz_gaussian.py:158).
+        eta: DDIM stochasticity of the backward kernel (official 1, particle_filter.py:48).
+        kappa: floor of the terminal pseudo-observation variance (official ``gaussian_var`` 1e-4,
+            particle_filter.py:50; the GMM script uses 1e-8, viz_gaussian.py:147).
+        resampling, ess_threshold: multinomial every step as the official (particle_filter.py:112).
+        chunk_elements: most particle entries per network call (0: all N at once).
+    """
+
+    name = "mcgdiff"
+    divide_previous = True
+    per_item = ()
+    test_overrides = {"particles": 4}
+    # GMM: N = 16 particles, 20 steps (the run-time budget of the full benchmark, results/particle_curve.md)
+    gmm_hparams = {"particles": 16, "steps": 20, "kappa": 1e-8, "resampling": "systematic"}
+    gmm_tune_grid = {"particles": [16], "steps": [20, 50], "resampling": ["multinomial", "systematic"]}
+    exact_gaussian = {"overrides": {"steps": 100, "particles": 64}, "mean_tol": 0.3, "cov_tol": 0.2}
+
+    def __init__(self, steps: int = 100, particles: int = 16, eta: float = 1.0, kappa: float = 1e-4,
+                 resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 21,
+                 spacing: str = "default", log_every: int = 10):
+        super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every)
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"mcgdiff: eta must be in [0, 1], got {eta}")
+        if not float(kappa) > 0.0:
+            raise ValueError(f"mcgdiff: kappa must be > 0 (the pseudo-observation variance floor), got {kappa}")
+        self.eta = float(eta)
+        self.kappa = float(kappa)
+
+    def kernel_std(self, a_t: float, a_s: float) -> float:
+        return self.eta * math.sqrt(max((1 - a_t / a_s) * (1 - a_s) / (1 - a_t), 0.0))
+
+    def setup_potentials(self, ctx: dict, rng) -> None:
+        lv = ctx["levels"].to(ctx["device"])                       # (S+1,), increasing alpha_bar
+        ratio = (1 - lv) / lv                                      # decreasing to 0 at the clean level
+        r, obs = ctx["r"], ctx["obs"]
+        L = (ratio[None, None, :] > r[..., None]).sum(-1)          # first level with ratio <= r
+        aL = lv[L]
+        kappa = (aL * r - (1 - aL)).clamp_min(self.kappa)
+        ctx["pin"] = torch.where(obs, L, torch.full_like(L, -1))
+        ctx["a_pin"] = torch.where(obs, aL, torch.ones_like(aL))
+        ctx["kappa"] = kappa
+        ctx["lv"] = lv
+
+    def potential(self, ctx: dict, L: int):
+        aL = float(ctx["lv"][L])
+        act = ctx["pin"] >= L
+        rho = (aL / ctx["a_pin"]).clamp_max(1.0)
+        v = torch.where(act, (1 - rho) + rho * ctx["kappa"], torch.ones_like(rho))
+        return math.sqrt(aL) * ctx["y_hat"], v, act

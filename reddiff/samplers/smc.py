@@ -1,0 +1,208 @@
+"""Sequential Monte Carlo in the SVD basis of a linear operator: the loop shared by MCG-diff and FPS-SMC.
+
+State: ``N`` particles per batch item in the spectral coordinates ``z = V^T x`` (shape ``(N, B, n)``,
+particle-major, so rows ``[j*B:(j+1)*B]`` are particle ``j`` of every item and an operator with per-image state
+always sees the batch it was set up for).  Each item is its own particle system; every random draw comes from the
+harness :class:`~reddiff.rng.BatchRNG` with the item first, so a batch equals a loop over its items.
+
+With ``H = U diag(s) V^T``, ``y_hat_i = (U^T y)_i / s_i`` on the ``s_i > 0`` coordinates is ``x0_i`` plus noise of
+variance ``r_i = sigma_y^2 / s_i^2``.  A subclass defines, at every level ``L`` of the chain (level 0 = the first
+visited timestep, level ``S`` = the clean signal, ``alpha_bar = 1``), a Gaussian potential on the observed
+coordinates, ``g_L(z_i) = N(c_{L,i}; z_i, v_{L,i})`` on an active set, and the noise std of the backward kernel.
+One step L-1 -> L (network at ``t = ts[L-1]``; ``m`` the DDIM mean, ``sig`` its noise std) is the fully adapted
+auxiliary particle filter:
+
+    log w += sum_{i active} log N(c_{L,i}; m_i, sig^2 + v_{L,i})  [ - log g_{L-1}(z_i)  if ``divide_previous`` ]
+    resample ancestors by w (when ESS < ess_threshold N), then per coordinate
+    z_i ~ N(m_i + K_i (c_{L,i} - m_i), K_i v_{L,i}),  K_i = sig^2 / (sig^2 + v_{L,i})    (active)
+    z_i ~ N(m_i, sig^2)                                                             (others)
+
+A deterministic last step (``sig = 0``, DDIM/DDPM into alpha_bar = 1) uses ``sig^2 = 1 - a_t`` on the active
+coordinates only, so that a clean-level potential (noiseless data) pins them instead of only reweighting.
+Level 0 draws ``z ~ N(0, I) g_0`` exactly (``p(x_T) ~ N(0, I)``), so the weights start uniform.  Constants of the
+Gaussian log-densities that are equal for all particles of an item are dropped (they cancel on normalising).
+The network runs on chunks of at most ``chunk_elements`` particle entries (whole particle slabs of B rows; 0: all at
+once), and ``prior.nfe`` is kept honest per image: ``N`` evaluations per step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .base import Sampler, validate_spacing, validate_steps
+
+RESAMPLING = ("multinomial", "systematic")
+
+
+class SpectralSMC(Sampler):
+    """Base of the particle samplers (not registered itself). Subclasses implement :meth:`setup_potentials`,
+    :meth:`potential` and :meth:`kernel_std`."""
+
+    requires = ("svd",)
+    divide_previous: bool = False
+
+    def __init__(self, steps: int, particles: int, resampling: str = "multinomial", ess_threshold: float = 1.0,
+                 chunk_elements: int = 2 ** 21, spacing: str = "default", log_every: int = 10):
+        self.steps = validate_steps(self.name, steps)
+        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise ValueError(f"{self.name}: particles must be an integer >= 1, got {particles!r}")
+        if resampling not in RESAMPLING:
+            raise ValueError(f"{self.name}: resampling must be one of {', '.join(RESAMPLING)}, got {resampling!r}")
+        if not 0.0 < float(ess_threshold) <= 1.0:
+            raise ValueError(f"{self.name}: ess_threshold must be in (0, 1], got {ess_threshold}")
+        if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 0:
+            raise ValueError(f"{self.name}: chunk_elements must be an integer >= 0 (0: no chunking), "
+                             f"got {chunk_elements!r}")
+        self.particles = particles
+        self.resampling = resampling
+        self.ess_threshold = float(ess_threshold)
+        self.chunk_elements = chunk_elements
+        self.spacing = validate_spacing(self.name, spacing)
+        self.log_every = max(1, int(log_every))
+
+    # ------------------------------------------------------------------ subclass hooks
+    def setup_potentials(self, ctx: dict, rng) -> None:  # pragma: no cover - abstract
+        """Fill ``ctx`` with whatever :meth:`potential` needs (called once, after the spectral setup)."""
+        raise NotImplementedError
+
+    def potential(self, ctx: dict, L: int):  # pragma: no cover - abstract
+        """``(c, v, active)`` at level ``L``: centres ``(B, k)``, variances and active mask ``(B or 1, k)``."""
+        raise NotImplementedError
+
+    def kernel_std(self, a_t: float, a_s: float) -> float:  # pragma: no cover - abstract
+        """Noise std of the backward kernel from ``alpha_bar = a_t`` to ``a_s``."""
+        raise NotImplementedError
+
+    def expected_nfe(self, prior) -> int:
+        return len(self.timesteps(prior)) * self.particles
+
+    # ------------------------------------------------------------------ helpers
+    def _spectral(self, y, operator, prior) -> dict:
+        """Observed coordinates (the first k spectral entries with s > 0), ``y_hat`` and ``r = sigma_y^2/s^2``."""
+        dtype, device = y.dtype, y.device
+        s = operator.singulars().to(device=device, dtype=torch.float64)
+        s = s.reshape(1, -1) if s.ndim == 1 else s
+        obs = s > 0
+        s_safe = torch.where(obs, s, torch.ones_like(s))
+        k = s.shape[1]
+        uty = operator.Ut(y).to(torch.float64)[:, :k]
+        y_hat = torch.where(obs, uty / s_safe, torch.zeros_like(uty))
+        sig2 = float(operator.noise_std) ** 2
+        r = torch.where(obs, sig2 / s_safe ** 2, torch.zeros_like(s))
+        return {"k": k, "obs": obs, "s": s, "y_hat": y_hat, "r": r, "sig2": sig2, "dtype": dtype, "device": device,
+                "n": math.prod(prior.shape), "B": y.shape[0]}
+
+    def _apply(self, fn, z: torch.Tensor, B: int, per_image: bool) -> torch.Tensor:
+        """``fn`` on the rows of ``z`` (a multiple of B), slab by slab for operators with per-image state."""
+        if not per_image or z.shape[0] == B:
+            return fn(z)
+        return torch.cat([fn(z[i:i + B]) for i in range(0, z.shape[0], B)])
+
+    def _eps_spectral(self, z: torch.Tensor, t: int, operator, prior, ctx) -> torch.Tensor:
+        """``V^T eps(V z, t)`` for all particles ``(N, B, n)``, in chunks; counts N evaluations per image."""
+        N, B, n = z.shape
+        per_image = bool(getattr(operator, "per_image", False))
+        per = N if self.chunk_elements == 0 else max(1, self.chunk_elements // max(1, B * n))
+        out = torch.empty_like(z)
+        calls = 0
+        for j0 in range(0, N, per):
+            j1 = min(N, j0 + per)
+            zc = z[j0:j1].reshape(-1, n)
+            x = self._apply(operator.V, zc, B, per_image).reshape((-1,) + tuple(prior.shape))
+            eps = prior.eps(x, t)
+            calls += 1
+            out[j0:j1] = self._apply(operator.Vt, eps, B, per_image).reshape(j1 - j0, B, n)
+        prior.nfe += N - calls
+        return out
+
+    def _resample(self, logw: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ancestors ``(B, N)`` (identity where the ESS is high enough) and the log-weights after resampling."""
+        B, N = logw.shape
+        w = torch.softmax(logw, dim=1)
+        ess = 1.0 / (w * w).sum(1)
+        do = ess < self.ess_threshold * N * (1 - 1e-9)
+        cdf = torch.cumsum(w, 1)
+        cdf = cdf / cdf[:, -1:]
+        if self.resampling == "systematic":
+            u = (rng.rand((B, 1), dtype=torch.float64).to(logw.device) + torch.arange(N, device=logw.device)) / N
+        else:
+            u = rng.rand((B, N), dtype=torch.float64).to(logw.device)
+        anc = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(N - 1)
+        ident = torch.arange(N, device=logw.device).expand(B, N)
+        anc = torch.where(do[:, None], anc, ident)
+        return anc, torch.where(do[:, None], torch.zeros_like(logw), logw)
+
+    @staticmethod
+    def _gather(m: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
+        """``m[anc[b, j], b]`` for ``m`` of shape ``(N, B, n)`` and ``anc`` ``(B, N)``."""
+        N, B, n = m.shape
+        rows = (anc.T * B + torch.arange(B, device=m.device)[None, :]).reshape(-1)
+        return m.reshape(N * B, n).index_select(0, rows).reshape(N, B, n)
+
+    # ------------------------------------------------------------------ the loop
+    @torch.no_grad()
+    def run(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None):
+        """All particles ``(B, N, *shape)`` at the clean level and their log-weights ``(B, N)`` (float64)."""
+        self.check(operator)
+        ts = self.timesteps(prior)
+        sch = prior.schedule
+        lv = [float(sch.alpha_bar_at(t)) for t in ts] + [1.0]
+        ctx = self._spectral(y, operator, prior)
+        ctx["levels"] = torch.tensor(lv, dtype=torch.float64)
+        self.setup_potentials(ctx, rng)
+        B, n, k, N = ctx["B"], ctx["n"], ctx["k"], self.particles
+        dtype, device = ctx["dtype"], ctx["device"]
+
+        # level 0: z ~ N(0, I) g_0 (exact product of Gaussians, uniform weights)
+        z = rng.randn((B, N, n), dtype=dtype).to(device).transpose(0, 1).contiguous()
+        c, v, act = self.potential(ctx, 0)
+        z0 = z[:, :, :k].to(torch.float64)
+        Kp = 1.0 / (1.0 + v)
+        z[:, :, :k] = torch.where(act, Kp * c + (Kp * v).sqrt() * z0, z0).to(dtype)
+        logw = torch.zeros(B, N, dtype=torch.float64, device=device)
+
+        last = len(ts) - 1
+        for i, t in enumerate(ts):
+            a_t, a_s = lv[i], lv[i + 1]
+            sig = float(self.kernel_std(a_t, a_s))
+            c2 = math.sqrt(max(1.0 - a_s - sig * sig, 0.0))
+            eb = self._eps_spectral(z, t, operator, prior, ctx)
+            x0b = (z - math.sqrt(1 - a_t) * eb) / math.sqrt(a_t)
+            m = math.sqrt(a_s) * x0b + c2 * eb
+            c, v, act = self.potential(ctx, i + 1)
+            mo = m[:, :, :k].to(torch.float64)
+            # a deterministic last step (sig = 0) gives the observed coordinates the kernel variance 1 - a_t
+            # (Tweedie's scale), so that a potential at the clean level can still pin them
+            sig_o = sig if sig > 0 else math.sqrt(1 - a_t)
+            tot = sig_o * sig_o + v
+            incr = torch.where(act, -0.5 * (mo - c) ** 2 / tot, torch.zeros_like(mo)).sum(-1)
+            if self.divide_previous:
+                cp, vp, _ = self.potential(ctx, i)
+                zo = z[:, :, :k].to(torch.float64)
+                incr = incr - torch.where(act, -0.5 * (zo - cp) ** 2 / vp, torch.zeros_like(zo)).sum(-1)
+            logw = logw + incr.T
+            anc, logw = self._resample(logw, rng)
+            m = self._gather(m, anc)
+            noise = rng.randn((B, N, n), dtype=dtype).to(device).transpose(0, 1)
+            z = m + sig * noise
+            mo = m[:, :, :k].to(torch.float64)
+            K = sig_o * sig_o / tot
+            zo = K * c + (1 - K) * mo + (K * v).sqrt() * noise[:, :, :k].to(torch.float64)
+            z[:, :, :k] = torch.where(act, zo, z[:, :, :k].to(torch.float64)).to(dtype)
+            if callback is not None and self.should_log(i, last):
+                w = torch.softmax(logw, 1)
+                callback(i, {"t": t, "ess": (1.0 / (w * w).sum(1)).mean().item()})
+        per_image = bool(getattr(operator, "per_image", False))
+        x = self._apply(operator.V, z.reshape(N * B, n), B, per_image).reshape((N, B) + tuple(prior.shape))
+        return x.transpose(0, 1), logw
+
+    def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:
+        """One particle per item, drawn by its final weights (so the items are independent posterior draws)."""
+        x, logw = self.run(y, operator, prior, rng, callback)
+        B, N = logw.shape
+        cdf = torch.cumsum(torch.softmax(logw, 1), 1)
+        u = rng.rand((B, 1), dtype=torch.float64).to(logw.device) * cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(N - 1).reshape(-1)
+        return x[torch.arange(B, device=x.device), idx].contiguous()
