@@ -26,7 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from .results import safe_name
+from .figures import _plt, _save
+from .figures import plot_grid as _plot_grid
 from .tables import METRIC_ORDER, collect
 
 KINDS = ("heatmap", "steps", "weighting", "bars", "grid")
@@ -34,15 +35,6 @@ LOWER_IS_BETTER = {"lpips", "kid", "fid"}
 #: sampler settings that identify a job in labels and drive the choice of plots
 SAMPLER_KEYS = ("steps", "lr", "lam", "weighting", "ordering", "zeta", "eta", "eta_b", "guidance_weight",
                 "start_step", "start_t", "sigma_x0", "obs_weight")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ----------------------------------------------------------------------------------------- jobs
@@ -291,72 +283,6 @@ def plot_bars(jobs: list[dict], out: Path, metrics: list[str]) -> Optional[Path]
     return _save(fig, out / "plot_bars.png")
 
 
-def _ground_truth(jobs: list[dict], ids: list[str]) -> dict[str, np.ndarray]:
-    """Ground-truth images, re-loaded through the job's data config (skipped when the data is not here)."""
-    from hydra.utils import instantiate
-
-    from .images import to_uint8
-
-    for j in jobs:
-        data = (j.get("config") or {}).get("data")
-        if not data:
-            continue
-        try:
-            ds = instantiate(data)
-            by_id = {e.image_id: e for e in ds.entries()}
-            return {i: to_uint8(ds.load(by_id[i])) for i in ids if i in by_id}
-        except Exception:  # noqa: BLE001 - the grid is still useful without ground truth
-            continue
-    return {}
-
-
-def plot_grid(jobs: list[dict], out: Path, rows: int = 4, max_cols: int = 16) -> Optional[Path]:
-    """Ground truth, measurement and every job's restoration for the first ``rows`` images."""
-    from PIL import Image
-
-    from .results import read_rows
-
-    jobs = [j for j in jobs if j["dirs"]]
-    if not jobs:
-        return None
-    jobs = jobs[:max_cols]
-    ids: list[str] = []
-    for d in jobs[0]["dirs"]:
-        if (d / "metrics.csv").exists():
-            ids += [r["image_id"] for r in read_rows(d / "metrics.csv")]
-    ids = ids[:rows]
-
-    def find(job, name):
-        for d in job["dirs"]:
-            p = d / "images" / name
-            if p.exists():
-                return np.asarray(Image.open(p).convert("RGB"))
-        return None
-
-    restorations = {(i, k): find(j, f"{safe_name(i)}.png") for i in ids for k, j in enumerate(jobs)}
-    if not any(v is not None for v in restorations.values()):
-        return None
-    gt = _ground_truth(jobs, ids)
-    var = varying_keys([j["params"] for j in jobs])
-    heads = (["ground truth"] if gt else []) + ["measurement"] + [label(j["params"], var) for j in jobs]
-    plt = _plt()
-    fig, axes = plt.subplots(len(ids), len(heads), figsize=(1.6 * len(heads), 1.6 * len(ids) + 0.6), squeeze=False)
-    for r, i in enumerate(ids):
-        meas = next((m for m in (find(j, f"{safe_name(i)}_y.png") for j in jobs) if m is not None), None)
-        cells = ([gt.get(i)] if gt else []) + [meas] + [restorations[(i, k)] for k in range(len(jobs))]
-        for c, img in enumerate(cells):
-            ax = axes[r, c]
-            ax.set_xticks([]), ax.set_yticks([])
-            if img is not None:
-                ax.imshow(img, interpolation="nearest")
-            else:
-                ax.text(0.5, 0.5, "-", ha="center", va="center", transform=ax.transAxes)
-            if r == 0:
-                ax.set_title(heads[c], fontsize=7)
-        axes[r, 0].set_ylabel(i, fontsize=7)
-    return _save(fig, out / "plot_grid.png")
-
-
 def _tight_ylim(ax, vals, errs) -> None:
     v = [x for x in vals if x is not None]
     if not v:
@@ -367,14 +293,13 @@ def _tight_ylim(ax, vals, errs) -> None:
     ax.set_ylim(lo - pad, hi + pad)
 
 
-def _save(fig, path: Path) -> Path:
-    plt = _plt()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+def plot_grid(jobs: list[dict], out: Path, rows: int = 4, max_cols: int = 16) -> Optional[Path]:
+    """Ground truth, measurement and every job's restoration for the first ``rows`` images."""
+    def titles(js):
+        var = varying_keys([j["params"] for j in js])
+        return [label(j["params"], var) for j in js]
+
+    return _plot_grid(jobs, out, rows, max_cols, label_of=titles)
 
 
 # ------------------------------------------------------------------------------------------ api
