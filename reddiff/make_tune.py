@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from .tune import N_STARTUP
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,25 +67,30 @@ def tune_one(prior: str, task: str, sampler: str, steps: int, trials: int, image
     best = yaml.safe_load(res.read_text())
     params = {k.split(".", 1)[1]: v for k, v in best["best_params"].items()}
     log(f"[make_tune]   best {best['best_value']:.3f} with {params} ({time.time() - t0:.0f} s)")
-    return {"params": params, "best_value": float(best["best_value"]), "seconds": round(time.time() - t0, 1)}
+    return {"params": params, "best_value": float(best["best_value"]), "seconds": round(time.time() - t0, 1),
+            "command": "python run.py -m " + " ".join(c for c in cmd[3:] if not c.startswith("hydra.sweep.dir"))}
 
 
 def write_task_file(prior: str, task: str, steps: int, results: dict, meta: dict) -> Path:
+    """Merge ``results`` ({sampler: {"params", ...}}) into ``conf/tuned/<prior>/<task>_s<steps>.yaml``; the
+    comment of each sampler is read from its record under results/tune (so a sampler tuned earlier keeps its own)."""
     path = ROOT / "conf" / "tuned" / prior / f"{task}_s{steps}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
+    body = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    body.update({k: r["params"] for k, r in results.items()})
+    records = ROOT / "results" / "tune" / prior / f"{task}_s{steps}"
     lines = [f"# @package tuned.table.{task}.s{steps}",
-             f"# Tuned settings for prior={prior}, task={task}, {steps} steps (written by make tune, {meta['date']}):",
-             f"#   {meta['command']}",
-             f"# Each: {meta['trials']} Optuna trials (TPE, seed 0) on data=tune count={meta['images']}, objective "
-             "mean PSNR on the tuning split;",
-             f"# Hydra's optimization_results.yaml: results/tune/{prior}/{task}_s{steps}/<sampler>/"]
-    body = {}
-    if path.is_file():  # samplers tuned by an earlier run (e.g. --samplers subset) are kept
-        body = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in results}
-        lines += [f"# {k}: from an earlier make tune run" for k in sorted(body)]
-    for sampler, r in sorted(results.items()):
-        lines.append(f"# {sampler}: best {r['best_value']:.3f} dB on the tuning split ({r['seconds']:.0f} s)")
-        body[sampler] = r["params"]
+             f"# Tuned settings for prior={prior}, task={task}, {steps} steps (make tune; last written {meta['date']}).",
+             f"# Each sampler: {meta['trials']} Optuna trials (TPE, seed 0, {N_STARTUP} random first) on data=tune "
+             f"count={meta['images']},",
+             "# objective = mean PSNR on the tuning split.  Hydra's optimization_results.yaml and every trial:",
+             f"#   results/tune/{prior}/{task}_s{steps}/<sampler>/"]
+    for sampler in sorted(body):
+        rec = records / sampler / "optimization_results.yaml"
+        best = yaml.safe_load(rec.read_text())["best_value"] if rec.is_file() else None
+        cmd = (results.get(sampler) or {}).get("command") or f"python run.py -m +tune={sampler} task={task} ..."
+        lines.append(f"# {sampler}: best {best:.3f} dB on the tuning split; {cmd}" if best is not None
+                     else f"# {sampler}: (no record found)")
     path.write_text("\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=True, default_flow_style=False))
     return path
 
@@ -123,16 +130,15 @@ def main(argv=None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "trials": a.trials, "images": a.images,
             "command": "python -m reddiff.make_tune " + " ".join(argv if argv is not None else sys.argv[1:])}
     for task in a.tasks.split(","):
-        by_steps: dict[int, dict] = {}
         for name in names:
             if not can_run(name, task):
                 print(f"[make_tune] {name} cannot run {task}: skipped", flush=True)
                 continue
             steps = a.steps or default_steps(name, task)
-            by_steps.setdefault(steps, {})[name] = tune_one(a.prior, task, name, steps, a.trials, a.images,
-                                                            lambda s: print(s, flush=True))
-        for steps, results in by_steps.items():
-            print(f"[make_tune] wrote {write_task_file(a.prior, task, steps, results, meta)}", flush=True)
+            res = tune_one(a.prior, task, name, steps, a.trials, a.images, lambda s: print(s, flush=True))
+            # written after every sampler, so an interrupted run keeps what it finished
+            print(f"[make_tune] wrote {write_task_file(a.prior, task, steps, {name: res}, meta)}", flush=True)
+            write_preset(a.prior, meta)
     print(f"[make_tune] wrote {write_preset(a.prior, meta)}")
     return 0
 

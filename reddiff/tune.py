@@ -139,7 +139,7 @@ def apply_tuned(cfg: DictConfig) -> DictConfig:
                     cfg.task.name, ident["sampler"], steps)
     with open_dict(cfg):
         cfg.tuned.applied = {"task": cfg.task.name, "steps": steps, "sampler": ident["sampler"],
-                             "values": applied or None}
+                             "settings": applied or None}
     if applied:
         print(f"[reddiff] tuned ({tuned.prior}, {cfg.task.name}, {steps} steps): "
               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in applied.items()))
