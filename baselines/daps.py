@@ -119,11 +119,10 @@ class DAPS(Sampler):
     requires: tuple = ()
     needs_grad = False
     per_item = ("lr", "tau")
-    # GMM settings: python -m benchmarks.gmm_posterior --tune --samplers daps --dims 8,80 --dims-y 1,4
-    # --problems 3 --samples 500 (tuning seed); budget-bound sizes, see docs/SAMPLERS.md
-    gmm_hparams = {"steps": 25, "ode_steps": 1, "ode_sigma_min": 0.0, "langevin_steps": 8, "lr": 0.1,
-                   "lr_min_ratio": 0.1, "tau": None}
-    gmm_tune_grid = {"lr": [0.03, 0.1, 0.3], "lr_min_ratio": [0.1, 0.3, 1.0]}
+    # GMM settings (not yet tuned: run python -m benchmarks.gmm_posterior --tune --samplers daps --dims 8,80
+    # --dims-y 1,4 --problems 3 --samples 500): exact inner draw, Tweedie x0_hat, 25 NFE (time budget)
+    gmm_hparams = {"steps": 25, "ode_steps": 1, "ode_sigma_min": 0.0, "mcmc": "exact", "tau": None}
+    gmm_tune_grid = {"sigma_max": [30.0, 100.0], "sigma_min": [0.02, 0.1]}
     test_overrides = {"steps": 6, "ode_steps": 2, "langevin_steps": 3, "tau": None}
     # Tweedie x0_hat (one Euler step to sigma = 0): the variant that is asymptotically exact (module docstring);
     # lr below 2 / (max curvature) of this problem.  Errors at 120 levels: about 0.06 / 0.06 (tests/test_daps.py)
