@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench tables results clean-venv gpu-wheels gpu-check gpu-check-dry
+.PHONY: setup demo test test-fast bench tables results tune claims clean-venv gpu-wheels gpu-check gpu-check-dry
 
 DEMO_PRESETS := demo_table1 demo_sr4 demo_weighting demo_order demo_steps
 
@@ -48,6 +48,12 @@ tables: setup  ## rebuild table.md/table.csv of every committed sweep under resu
 
 results: setup  ## rerun every committed demo sweep on the embedded prior into results/<preset>/ (CPU, ~30 min)
 	for p in $(DEMO_PRESETS); do rm -rf results/$$p; WANDB_SILENT=true $(PY) run.py -m +experiment=$$p progress=false hydra.sweep.dir=results/$$p || exit 1; done
+
+tune: setup  ## equal-budget Optuna tuning of every sampler with a tune_space -> conf/tuned/embedded*, results/tune/ (CPU)
+	WANDB_SILENT=true $(PY) -m reddiff.make_tune --prior embedded --tasks inpaint_freeform
+
+claims: setup  ## results/claims.md from the committed results (runs nothing)
+	$(PY) -m reddiff.claims
 
 clean-venv:
 	rm -rf $(VENV)
