@@ -13,9 +13,12 @@ network call checks the deadline, so the script stops itself within one call of 
 1. **time per step** for every sampler of the registry (:func:`reddiff.registry.sampler_names`) at each
    ``--batches`` (1 and 8) and each ``--dtypes`` (fp32; bf16 = autocast through :func:`reddiff.perf.apply_fast_paths`,
    weights stay fp32): a warm-up run (2 steps), then the median of ``--repeats`` runs of ``--steps`` steps.
-   ``s_per_step_per_image`` = wall / (NFE x batch).  ``wall_over_forward`` = wall / (NFE x one bare network call at
-   the same batch): no_grad forward, or forward + backward to the input for samplers with ``needs_grad``;
-   its limit is the registry's ``speed_limit`` (1.05, or 1.10 with ``needs_grad``).
+   ``s_per_step_per_image`` = wall / (steps x batch) (the paper's s/step; RED-diff, DPS, Pi-GDM and DDRM make one
+   network call per step), ``s_per_call_per_image`` = wall / (NFE x batch) (NFE as the prior counts calls).
+   ``wall_over_forward`` = wall / (NFE x one bare network call at the same batch): no_grad forward, or forward +
+   backward to the input for samplers with ``needs_grad``; its limit is the registry's ``speed_limit`` (1.05, or
+   1.10 with ``needs_grad``).  A sampler that calls the network on more than the batch (particles) is still
+   compared with a call at the batch, so its ratio includes that extra work.
 2. **RED-diff peak memory** (``torch.cuda.max_memory_allocated``) at the largest batch against a bare no_grad loop
    of the same number of forward calls at that batch.
 3. **max batch** of every sampler with a network within ``--memory-gib`` (40 GiB, enforced with
@@ -26,15 +29,16 @@ network call checks the deadline, so the script stops itself within one call of 
 4. **the CUDA-only tests** (test functions whose decorators mention CUDA: ``skipif(not torch.cuda.is_available())``
    or a ``cuda`` mark), run with pytest in a subprocess when pytest is importable, else "not run (no pytest)".
 
-bf16 max batches come last (after the CUDA tests).  Missing pure-Python packages (hydra-core, omegaconf, antlr4,
+Max-batch order: the paper's samplers first, then the others, then the bare calls; the first dtype's searches come
+before the CUDA tests, the other dtypes' after them.  Missing pure-Python packages (hydra-core, omegaconf, antlr4,
 PyYAML, pytest) travel as wheels in ``--wheels`` (default ``gpu_wheels/``, made by ``python -m benchmarks.gpu_wheels``):
 only those whose modules are not importable are unpacked into a temporary folder on ``sys.path``.  Without hydra the
 operator and samplers are built from their classes (sr4 values, class defaults).
 
 ``--dry-run`` runs the same code on the CPU with a tiny UNet; CUDA OOM cannot happen there, so the max-batch search
-meets a *simulated* OOM (``torch.OutOfMemoryError`` raised by the network at batch > ``--dry-oom-batch``, marked
-``simulated`` in the JSON); CUDA memory figures are "not measured".  The paper's numbers (:data:`PAPER`) are printed
-beside ours with their provenance tags.
+meets a *simulated* OOM (``torch.OutOfMemoryError`` raised by the network when the probed image batch exceeds
+``--dry-oom-batch``; ``simulated_oom`` in the JSON); CUDA memory figures are "not measured".  The paper's numbers
+(:data:`PAPER`) are printed beside ours with their provenance tags.
 """
 from __future__ import annotations
 
@@ -225,12 +229,13 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
     base = RandomADM()
     prior = apply_fast_paths(base, autocast=None if dtype == "fp32" else dtype).eval()
     inner_eps = prior.eps
-    prior.oom_above = None
+    prior.oom_above = prior.probe_batch = None
 
     def eps(x_t, t):
         deadline.check()
-        if prior.oom_above is not None and x_t.shape[0] > prior.oom_above:
-            raise oom_error_class()(f"simulated OOM: batch {x_t.shape[0]} > --dry-oom-batch {prior.oom_above}")
+        # the simulated OOM depends on the probed image batch (a particle sampler calls the network on more)
+        if prior.oom_above is not None and prior.probe_batch > prior.oom_above:
+            raise oom_error_class()(f"simulated OOM: batch {prior.probe_batch} > --dry-oom-batch {prior.oom_above}")
         return inner_eps(x_t, t)
 
     prior.eps = eps
@@ -268,10 +273,13 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def fresh_memory(self):
+    def fresh_memory(self, collect: bool = False):
+        """Release cached blocks and reset the peak counter; ``collect`` also runs the garbage collector (needed
+        after an exception, whose traceback holds tensors in reference cycles; cheap after ``gc.freeze``)."""
         import torch
 
-        gc.collect()
+        if collect:
+            gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -334,14 +342,16 @@ class Bench:
             walls.append(wall)
         peak = self.peak_mb()
         wall = statistics.median(walls)
-        r = {"batch": batch, "steps": a.steps, "nfe": nfe, "wall_s": wall, "walls_s": walls, "finite_output": finite,
-             "s_per_image": wall / batch, "peak_gpu_mb": peak, "limit": meta["limit"], "forward_kind": meta["kind"]}
+        steps = a.steps if meta["has_steps"] else 0
+        r = {"batch": batch, "steps": steps, "nfe": nfe, "wall_s": wall, "walls_s": walls, "finite_output": finite,
+             "s_per_image": wall / batch, "s_per_step_per_image": wall / (steps * batch) if steps else None,
+             "peak_gpu_mb": peak, "limit": meta["limit"], "forward_kind": meta["kind"]}
         if nfe == 0:
-            return {**r, "s_per_step_per_image": None, "forward_ms": None, "wall_over_forward": None,
+            return {**r, "s_per_call_per_image": None, "forward_ms": None, "wall_over_forward": None,
                     "pass": None, "note": "no network call (0 NFE)"}
         fwd = statistics.median(self.bare(prior, batch, meta["kind"], a.forward_repeats))
         ratio = wall / (nfe * fwd)
-        return {**r, "s_per_step_per_image": wall / (nfe * batch), "forward_ms": fwd * 1e3,
+        return {**r, "s_per_call_per_image": wall / (nfe * batch), "forward_ms": fwd * 1e3,
                 "wall_over_forward": ratio, "pass": ratio <= meta["limit"]}
 
     def memory(self, prior, batch) -> dict:
@@ -370,6 +380,7 @@ class Bench:
         error = None
         try:
             self.fresh_memory()
+            prior.probe_batch = batch
             if name is None:
                 self.bare(prior, batch, meta["kind"], 1, warmup=0)
             else:
@@ -378,14 +389,18 @@ class Bench:
             ok = True
         except oom:
             ok = False
+            state["collect"] = True
         except DeadlineReached:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. a kernel's 32-bit indexing limit: this batch does not run
             ok, error = False, f"{type(e).__name__}: {str(e)[:200]}"
+            state["collect"] = True
+        prior.probe_batch = None
         peak = self.peak_mb()
+        collect = state.pop("collect", False)
         state.clear()
         prior.reset_nfe()
-        self.fresh_memory()
+        self.fresh_memory(collect)
         return (ok, peak) if error is None else (ok, peak, error)
 
 
@@ -507,11 +522,16 @@ def measure(a, command: str) -> dict:
     res = {"timing": {}, "memory": {}, "max_batch": {}, "cuda_tests": {}}
     priors = {}
 
+    def drop_priors():
+        priors.clear()
+        gc.unfreeze()  # the prior holds a reference cycle (its wrapped eps): let the collector free its memory
+        bench.fresh_memory(collect=True)
+
     def prior_for(dt):
         if dt not in priors:
-            priors.clear()
-            bench.fresh_memory()
+            drop_priors()
             priors[dt] = make_prior(cfg, device, dt, deadline)
+            gc.freeze()  # later collections skip everything built so far (modules, weights): 0.3 s -> ms
         return priors[dt]
 
     budget_frac = None
@@ -523,7 +543,9 @@ def measure(a, command: str) -> dict:
         per = res["max_batch"].setdefault(dt, {})
         if bench.cuda:
             torch.cuda.set_per_process_memory_fraction(budget_frac, device)
-        todo = [n for n in names if "error" not in metas[n]] + ["bare no_grad", "bare fwd_bwd"]
+        # the paper's samplers first (its "max batch" column), then the others, then the bare-call references
+        todo = sorted((n for n in names if "error" not in metas[n]), key=lambda n: (n not in PAPER, names.index(n)))
+        todo += ["bare no_grad", "bare fwd_bwd"]
         for i, n in enumerate(todo):
             if n.startswith("bare"):
                 meta, sname = {"kind": n.split()[1]}, None
@@ -546,14 +568,13 @@ def measure(a, command: str) -> dict:
         try:
             r = search_max_batch(lambda b: bench.fits(prior, b, sname, meta), a.max_batch_cap, box)
         finally:
-            prior.oom_above = None
+            prior.oom_above = prior.probe_batch = None
         if not r["probes"]:
             return {"not_measured": "time box"}
         return {**r, "simulated_oom": a.dry_run, "box_s": round(box, 1)}
 
     def cuda_tests():
-        priors.clear()
-        bench.fresh_memory()
+        drop_priors()
         res["cuda_tests"] = run_cuda_tests(min(a.tests_timeout_s, deadline.left() - 5), wheels.get("path"))
         print(f"[gpu_check] CUDA tests: {res['cuda_tests']['status']}", file=sys.stderr, flush=True)
 
@@ -592,7 +613,7 @@ def measure(a, command: str) -> dict:
         "dtypes": a.dtypes, "steps": a.steps, "repeats": a.repeats, "forward_repeats": a.forward_repeats,
         "probe_steps": a.probe_steps, "memory_budget_gib": a.memory_gib, "memory_fraction": budget_frac,
         "max_batch_cap": a.max_batch_cap, "box_s": a.box_s, "budget_s": a.budget_s,
-        "elapsed_s": round(elapsed, 1), "deadline_hit": deadline.hit, "wheels": wheels,
+        "elapsed_s": round(elapsed, 1), "cpu_s": round(time.process_time(), 1), "deadline_hit": deadline.hit, "wheels": wheels,
     }
     return res
 
@@ -645,9 +666,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,8")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--samplers", default=None, help="comma-separated subset of the registry (default: all)")
-    p.add_argument("--steps", type=int, default=5, help="steps of each timed run (default 5)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median)")
-    p.add_argument("--forward-repeats", type=int, default=5, help="timed bare calls (median)")
+    p.add_argument("--steps", type=int, default=None, help="steps of each timed run (default 5; dry run 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median; default 2, dry 1)")
+    p.add_argument("--forward-repeats", type=int, default=None, help="timed bare calls (median; default 5, dry 3)")
     p.add_argument("--probe-steps", type=int, default=2, help="steps of a max-batch probe run")
     p.add_argument("--memory-gib", type=float, default=40.0, help="memory budget of the max-batch search")
     p.add_argument("--max-batch-cap", type=int, default=512)
@@ -656,9 +677,12 @@ def parse_args(argv=None):
                    help="seconds the max-batch phase leaves for the CUDA tests and the report")
     p.add_argument("--tests-timeout-s", type=float, default=90.0)
     p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch search")
-    p.add_argument("--dry-oom-batch", type=int, default=5, help="dry run: simulated OOM above this batch")
+    p.add_argument("--dry-oom-batch", type=int, default=3, help="dry run: simulated OOM above this batch")
     p.add_argument("--wheels", default=str(DEFAULT_WHEELS), help="folder of carried wheels (benchmarks.gpu_wheels)")
     a = p.parse_args(argv)
+    for k, gpu, dry in (("steps", 5, 3), ("repeats", 2, 1), ("forward_repeats", 5, 3)):
+        if getattr(a, k) is None:
+            setattr(a, k, dry if a.dry_run else gpu)
     try:
         a.batches = [int(b) for b in a.batches.split(",") if b.strip()]
     except ValueError:

@@ -23,6 +23,23 @@ def _paper(res, name, key):
     return (p[key], p["tag"]) if p else ("-", "")
 
 
+def against_paper(res: dict) -> list[str]:
+    """One line per sampler with a paper figure: our s/step/image (every dtype and batch) and max batch."""
+    out = []
+    for n, p in res["paper"].items():
+        t = [f"{_f(r.get('s_per_step_per_image'), '{:.4f}')} ({dt}, batch {b})"
+             for dt, per in res["timing"].items() for b, r in per.get(n, {}).items()
+             if r.get("s_per_step_per_image") is not None]
+        mb = [f"{'>= ' if r['status'] != 'exact' else ''}{r['max_batch']} ({dt})"
+              for dt, per in res["max_batch"].items() for k, r in per.items() if k == n and "max_batch" in r]
+        if not t and not mb:
+            out.append(f"- {n}: not measured (paper: {p['s_per_step']} s/step, max batch {p['max_batch']}, {p['tag']})")
+            continue
+        out.append(f"- {n}: s/step/image {', '.join(t) or 'not measured'} against the paper's {p['s_per_step']}; "
+                   f"max batch {', '.join(mb) or 'not measured'} against {p['max_batch']} ({p['tag']})")
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     mach = m["machine"]
@@ -35,33 +52,37 @@ def markdown(res: dict) -> str:
          + (" (**deadline reached**: see 'Not measured')" if m["deadline_hit"] else "") + "  ",
          f"Machine: {gpu}; {mach['cpu_cores']} CPU cores, {mach['platform']}, Python {mach['python']}, "
          f"torch {mach['torch']}  ",
-         f"Network: {m['network']}, {_f(m['n_params'] and m['n_params'] / 1e6, '{:.1f}')}M parameters; task {m['task']} ({m['operator']}); "
+         f"Network: {m['network']}, {_f(m['n_params'] and m['n_params'] / 1e6, '{:.1f}')}M parameters; "
+         f"task {m['task']} ({m['operator']}); "
          f"{m['steps']} steps per timed run, median of {m['repeats']} run(s) after a 2-step warm-up; bare call "
          f"median of {m['forward_repeats']} after 2 warm-up calls; samplers from {m['sampler_source']}."
          + (" **--dry-run: CPU, tiny UNet, simulated OOM; numbers are not for reporting.**" if m["dry_run"] else ""),
          "",
-         "`s/step/img` = wall / (NFE x batch).  `wall/fwd` = wall / (NFE x one bare network call at the same batch: "
-         "no_grad forward, or forward + backward to the input for samplers that differentiate through the network); "
+         "`s/step/img` = wall / (steps x batch), the paper's s/step (one network call per step for RED-diff, DPS, "
+         "Pi-GDM, DDRM); `s/call/img` = wall / (NFE x batch).  `wall/fwd` = wall / (NFE x one bare network call at "
+         "the same batch: no_grad forward, or forward + backward to the input for samplers that differentiate through the network); "
          "`limit` is its target (1.05, or 1.10 with a network gradient).  bf16 = autocast with fp32 weights.  "
          "Peak GPU memory is `torch.cuda.max_memory_allocated` over the timed runs (weights included).  "
-         "Paper: RED-diff "
-         "Table 1 (ImageNet-256); `paper*` = read from a public transcription of the paper, `unverified` = use as "
+         "Paper: RED-diff Table 1 (ImageNet-256); `paper*` = read from a public transcription of the paper, `unverified` = use as "
          "approximate only; the paper's GPU and batch for its s/step column are not stated in our sources.", ""]
+    L += ["## Against the paper", ""] + against_paper(res) + [""]
     for dt, per in res["timing"].items():
         for b in m["batches"]:
             L += [f"## Time per step, {dt}, batch {b}", "",
-                  "| sampler | NFE | bare call (ms) | wall (s) | s/step/img | wall/fwd | limit | within | "
-                  "peak GPU (MB) | paper s/step | tag |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| sampler | steps | NFE | bare call (ms) | wall (s) | s/step/img | s/call/img | wall/fwd | limit | "
+                  "within | peak GPU (MB) | paper s/step | tag |", "|" + "---|" * 13]
             for n, byb in per.items():
                 r = byb.get(str(b), {"not_measured": "not run"})
                 ps, tag = _paper(res, n, "s_per_step")
                 c = _cell(r)
                 if c:
-                    L.append(f"| {n} | {c} |" + " |" * 7 + f" {ps} | {tag} |")
+                    L.append(f"| {n} | {c} |" + " |" * 9 + f" {ps} | {tag} |")
                     continue
                 ok = "-" if r["pass"] is None else ("yes" if r["pass"] else "**no**")
-                L.append(f"| {n} | {r['nfe']} | {_f(r['forward_ms'], '{:.1f}')} ({r['forward_kind']}) | "
+                L.append(f"| {n} | {r['steps']} | {r['nfe']} | {_f(r['forward_ms'], '{:.1f}')} "
+                         f"({r['forward_kind']}) | "
                          f"{r['wall_s']:.3f} | {_f(r['s_per_step_per_image'], '{:.4f}')} | "
+                         f"{_f(r.get('s_per_call_per_image'), '{:.4f}')} | "
                          f"{_f(r['wall_over_forward'])} | {r['limit']} | {ok} | {_f(r['peak_gpu_mb'], '{:.0f}')} | "
                          f"{ps} | {tag} |")
             L.append("")
