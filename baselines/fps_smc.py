@@ -51,6 +51,7 @@ class FPSSMC(SpectralSMC):
     # GMM: N = 8 particles, 20 steps (the run-time budget of the full benchmark, results/particle_curve.md)
     gmm_hparams = {"particles": 8, "steps": 20, "resampling": "systematic"}
     gmm_tune_grid = {"particles": [8], "c_rate": [0.5, 0.95], "resampling": ["multinomial", "systematic"]}
+    tune_space = {"c_rate": "interval(0.5, 1.0)"}  # reddiff.tune (unverified: around the official 0.95)
     exact_gaussian = {"overrides": {"steps": 100, "particles": 64, "c_rate": 0.05}, "mean_tol": 0.3, "cov_tol": 0.2}
 
     def __init__(self, steps: int = 100, particles: int = 5, c_rate: float = 0.95, min_noise_std: float = 1e-3,

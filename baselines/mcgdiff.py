@@ -55,6 +55,7 @@ class MCGDiff(SpectralSMC):
     # GMM: N = 16 particles, 20 steps (the run-time budget of the full benchmark, results/particle_curve.md)
     gmm_hparams = {"particles": 16, "steps": 20, "kappa": 1e-8, "resampling": "systematic"}
     gmm_tune_grid = {"particles": [16], "steps": [20, 50], "resampling": ["multinomial", "systematic"]}
+    tune_space = {"eta": "interval(0.0, 1.0)"}  # reddiff.tune (unverified: the DDIM range, official 1.0 inside)
     exact_gaussian = {"overrides": {"steps": 100, "particles": 64}, "mean_tol": 0.3, "cov_tol": 0.2}
 
     def __init__(self, steps: int = 100, particles: int = 16, eta: float = 1.0, kappa: float = 1e-4,
