@@ -210,7 +210,7 @@ def provenance_line(root: Path) -> str | None:
     return first if first.startswith("Command:") else None
 
 
-def write_tables(root: Path, command: str | None = None) -> str:
+def write_tables(root: Path, command: str | None = None, ref: str | None = None) -> str:
     """Write table.md/table.csv of ``root``; ``command`` starts a new provenance line, else the old one is kept.
     Raises :class:`~reddiff.errors.UserError` (and writes nothing) when ``root`` holds no job."""
     from .errors import UserError
@@ -219,7 +219,7 @@ def write_tables(root: Path, command: str | None = None) -> str:
     summaries = collect(root)
     if not summaries:
         raise UserError(f"no job dirs (summary.json / metrics.csv) under {root}; nothing written")
-    header, rows, notes = build_rows(summaries)
+    header, rows, notes = build_rows(summaries, ref=ref)
     md = render(header, rows, notes, "md")
     if command:
         import datetime
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
     p.add_argument("dir", help="sweep dir (or any folder holding job dirs)")
     p.add_argument("--format", choices=["md", "csv", "tex"], default="md")
     p.add_argument("--no-write", action="store_true", help="print only; do not (re)write table.md/table.csv")
-    p.add_argument("--ref", default=None, help="sampler name: add the paired difference to it (printed only)")
+    p.add_argument("--ref", default=None, help="sampler name: add the paired difference to it (same task)")
     a = p.parse_args(argv)
     root = Path(a.dir)
     if not root.is_dir():
@@ -248,7 +248,7 @@ def main(argv=None) -> None:
         print(f"error: no job dirs (summary.json / metrics.csv) under {root}; nothing written", file=sys.stderr)
         raise SystemExit(2)
     if not a.no_write:
-        write_tables(root)
+        write_tables(root, ref=a.ref)
     header, rows, notes = build_rows(summaries, ref=a.ref)
     print(render(header, rows, notes, a.format), end="")
 
