@@ -5,5 +5,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["reddiff*", "baselines*", "benchmarks*"]) + ["reddiff.conf"],
     package_dir={"reddiff.conf": "conf"},
-    package_data={"reddiff": ["assets/**/*"], "reddiff.conf": ["*.yaml", "**/*.yaml"]},
+    package_data={"reddiff": ["assets/**/*"], "reddiff.conf": ["*.yaml", "**/*.yaml"]},  # + conf/__init__.py
 )
