@@ -91,10 +91,19 @@ def oom_error_class():
 
 
 # ============================================================================================ environment
-def use_wheels(folder: Path) -> dict:
-    """Unpack the wheels of ``folder`` whose top-level modules are all missing into a temporary folder, append it to
-    ``sys.path`` and ``PYTHONPATH`` (for the pytest subprocess); installed packages are never shadowed."""
+def _importable(module: str) -> bool:
     import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked module counts as missing
+        return False
+
+
+def use_wheels(folder: Path) -> dict:
+    """Unpack the wheels of ``folder`` that provide a missing top-level module into a temporary folder and append it
+    to ``sys.path`` (the pytest subprocess appends it too): appended, it never shadows an installed package."""
+    import importlib
 
     folder = Path(folder)
     info = {"folder": str(folder), "unpacked": [], "present": []}
@@ -108,7 +117,7 @@ def use_wheels(folder: Path) -> dict:
             mods = sorted({t[:-3] if t.endswith(".py") else t for t in tops
                            if not t.endswith((".dist-info", ".data")) and not t.endswith(".pth")})
             mods = [m for m in mods if m.isidentifier()]
-            if mods and all(importlib.util.find_spec(m) is None for m in mods):
+            if mods and not all(_importable(m) for m in mods):
                 z.extractall(target)
                 info["unpacked"].append(whl.name)
             else:
@@ -450,20 +459,21 @@ def cuda_test_ids(tests_dir: Path) -> list[str]:
 
 
 def run_cuda_tests(timeout_s: float, extra_path: str | None) -> dict:
-    import importlib.util
-
     ids = cuda_test_ids(ROOT / "tests")
-    if importlib.util.find_spec("pytest") is None:
+    if not _importable("pytest"):
         return {"status": "not run (no pytest)", "tests": ids}
     if timeout_s < 10:
         return {"status": "not measured (deadline)", "tests": ids}
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([extra_path] if extra_path else [])
-                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # the unpacked wheels go at the end of sys.path, as in this process
+    code = (f"import sys; sys.path.append({extra_path!r}); import pytest; "
+            f"sys.exit(pytest.main({['-q', '-p', 'no:cacheprovider', '-rs', *ids]!r}))") if extra_path else None
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                                      "-rs", *ids]
     t0 = time.monotonic()
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *ids], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=timeout_s)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {timeout_s:.0f} s", "tests": ids}
     lines = [ln for ln in r.stdout.strip().splitlines() if ln.strip()]
@@ -613,7 +623,8 @@ def measure(a, command: str) -> dict:
         "dtypes": a.dtypes, "steps": a.steps, "repeats": a.repeats, "forward_repeats": a.forward_repeats,
         "probe_steps": a.probe_steps, "memory_budget_gib": a.memory_gib, "memory_fraction": budget_frac,
         "max_batch_cap": a.max_batch_cap, "box_s": a.box_s, "budget_s": a.budget_s,
-        "elapsed_s": round(elapsed, 1), "cpu_s": round(time.process_time(), 1), "deadline_hit": deadline.hit, "wheels": wheels,
+        "elapsed_s": round(elapsed, 1), "cpu_s": round(time.process_time(), 1), "deadline_hit": deadline.hit,
+        "wheels": wheels,
     }
     return res
 

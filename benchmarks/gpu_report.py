@@ -60,11 +60,12 @@ def markdown(res: dict) -> str:
          "",
          "`s/step/img` = wall / (steps x batch), the paper's s/step (one network call per step for RED-diff, DPS, "
          "Pi-GDM, DDRM); `s/call/img` = wall / (NFE x batch).  `wall/fwd` = wall / (NFE x one bare network call at "
-         "the same batch: no_grad forward, or forward + backward to the input for samplers that differentiate through the network); "
+         "the same batch: no_grad forward, or forward + backward to the input for samplers that differentiate "
+         "through the network); "
          "`limit` is its target (1.05, or 1.10 with a network gradient).  bf16 = autocast with fp32 weights.  "
          "Peak GPU memory is `torch.cuda.max_memory_allocated` over the timed runs (weights included).  "
-         "Paper: RED-diff Table 1 (ImageNet-256); `paper*` = read from a public transcription of the paper, `unverified` = use as "
-         "approximate only; the paper's GPU and batch for its s/step column are not stated in our sources.", ""]
+         "Paper: RED-diff Table 1 (ImageNet-256); `paper*` = read from a public transcription of the paper, "
+         "`unverified` = use as approximate only; the paper's GPU and batch for its s/step column are not stated in our sources.", ""]
     L += ["## Against the paper", ""] + against_paper(res) + [""]
     for dt, per in res["timing"].items():
         for b in m["batches"]:
