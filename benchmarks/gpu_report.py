@@ -65,7 +65,8 @@ def markdown(res: dict) -> str:
          "`limit` is its target (1.05, or 1.10 with a network gradient).  bf16 = autocast with fp32 weights.  "
          "Peak GPU memory is `torch.cuda.max_memory_allocated` over the timed runs (weights included).  "
          "Paper: RED-diff Table 1 (ImageNet-256); `paper*` = read from a public transcription of the paper, "
-         "`unverified` = use as approximate only; the paper's GPU and batch for its s/step column are not stated in our sources.", ""]
+         "`unverified` = use as approximate only; the paper's GPU and batch for its s/step column are not stated "
+         "in our sources.", ""]
     L += ["## Against the paper", ""] + against_paper(res) + [""]
     for dt, per in res["timing"].items():
         for b in m["batches"]:
