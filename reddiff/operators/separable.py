@@ -128,12 +128,10 @@ def bicubic_taps(factor: int, a: float = -0.5) -> np.ndarray:
 
 
 def ddrm_rank(s: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry of ``s`` in the official descending sort: ``torch.sort(float32, descending=True)``
-    (DDRM ``svd_replacement.py:422``, not stable), so exact ties (``sa[i] sa[j] = sa[j] sa[i]``, the zeros) fall
-    as the official code orders them on the CPU."""
-    perm = torch.sort(s.float(), descending=True)[1]
-    rank = torch.empty_like(perm)
-    rank[perm] = torch.arange(s.numel())
+    """Rank of each entry of ``s`` in the official ``torch.sort(float32, descending=True)`` (DDRM
+    ``svd_replacement.py:422``, not stable: exact ties, ``sa[i] sa[j] = sa[j] sa[i]`` and the zeros, as on CPU)."""
+    rank = torch.empty(s.numel(), dtype=torch.long)
+    rank[torch.sort(s.float(), descending=True)[1]] = torch.arange(s.numel())
     return rank
 
 
@@ -141,8 +139,7 @@ def ddrm_tiled_singulars(s: torch.Tensor, C: int) -> torch.Tensor:
     """Per-channel singulars ``(C * n^2,)`` in our (c, i, j) layout that the official ``Deblurring`` class pairs
     with the spectral components: rank r of ``s`` in channel c gets ``sorted(s)[(C r + c) mod n^2]``
     (the ``repeat(1, 3)``-tiled sorted list indexed in its pixel-major layout ``C r + c``)."""
-    N, rank = s.numel(), ddrm_rank(s)
-    s_sorted = torch.empty_like(s)
+    N, rank, s_sorted = s.numel(), ddrm_rank(s), torch.empty_like(s)
     s_sorted[rank] = s
     idx = (C * rank.reshape(1, -1) + torch.arange(C).reshape(-1, 1)) % N
     return s_sorted[idx].reshape(-1)
