@@ -190,14 +190,15 @@ def problem_operator(pb: GMMProblem) -> HouseholderMatrixOperator:
 
 
 # ------------------------------------------------------------------------------------------ samplers
-def build_sampler(name: str, steps: int, **overrides):
-    """Sampler ``name`` of the registry with its GMM hyperparameters, ``steps`` (when it takes one) and overrides."""
+def build_sampler(name: str, default_steps: int, **overrides):
+    """Sampler ``name`` of the registry with its GMM hyperparameters and overrides; ``default_steps`` (``--steps``)
+    where neither sets ``steps`` and the class takes one (particle samplers fix their own step count)."""
     import inspect
 
     cls = registry.sampler_class(name)
     hp = {**hparams(name), **overrides}
     if "steps" in inspect.signature(cls.__init__).parameters:
-        hp.setdefault("steps", steps)
+        hp.setdefault("steps", default_steps)
     return cls(**hp)
 
 
