@@ -47,7 +47,7 @@ def hydra_info() -> dict:
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
-    multirun = hc.mode.name == "MULTIRUN"
+    multirun = getattr(hc.get("mode"), "name", None) == "MULTIRUN"  # None when a config was composed by hand
     return {"choices": dict(hc.runtime.choices), "overrides": list(hc.overrides.task), "multirun": multirun,
             "sweep_dir": str(hc.sweep.dir) if multirun else None}
 
