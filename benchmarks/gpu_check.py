@@ -12,7 +12,8 @@ network call checks the deadline, so the script stops itself within one call of 
 
 1. **time per step** for every sampler of the registry (:func:`reddiff.registry.sampler_names`) at each
    ``--batches`` (1 and 8) and each ``--dtypes`` (fp32; bf16 = autocast through :func:`reddiff.perf.apply_fast_paths`,
-   weights stay fp32): a warm-up run (2 steps), then the median of ``--repeats`` runs of ``--steps`` steps.
+   weights stay fp32): a warm-up run (2 steps), then the median of ``--repeats`` runs of ``--steps`` steps (fewer,
+   ``capped`` in the JSON, when the warm-up says a run would take more than ``--measure-cap-s``).
    ``s_per_step_per_image`` = wall / (steps x batch) (the paper's s/step; RED-diff, DPS, Pi-GDM and DDRM make one
    network call per step), ``s_per_call_per_image`` = wall / (NFE x batch) (NFE as the prior counts calls).
    ``wall_over_forward`` = wall / (NFE x one bare network call at the same batch): no_grad forward, or forward +
@@ -24,7 +25,8 @@ network call checks the deadline, so the script stops itself within one call of 
 3. **max batch** of every sampler with a network within ``--memory-gib`` (40 GiB, enforced with
    ``torch.cuda.set_per_process_memory_fraction``): a batch fits when a ``--probe-steps`` run finishes without
    CUDA OOM; doubling from 1, then bisection between the last fit and the first OOM; each sampler is time-boxed
-   (``--box-s``) and a box that expires reports the largest batch seen to fit as a lower bound.  The paper's
+   (``--box-s``, while the samplers after it can still get 8 s each) and a box that expires reports the largest
+   batch seen to fit as a lower bound.  The paper's
    "max batch" column.  Bare no_grad and forward+backward calls get the same search, as references.
 4. **the CUDA-only tests** (test functions whose decorators mention CUDA: ``skipif(not torch.cuda.is_available())``
    or a ``cuda`` mark), run with pytest in a subprocess when pytest is importable, else "not run (no pytest)".
@@ -343,16 +345,22 @@ class Bench:
     def time_sampler(self, name, meta, prior, batch) -> dict:
         a = self.a
         y, idx = self.problem(prior, batch)
-        self.run(name, meta, prior, y, idx, min(2, a.steps))  # warm-up
+        w = min(2, a.steps)
+        warm, _, _ = self.run(name, meta, prior, y, idx, w)  # warm-up
+        # a sampler with many network calls per step (PnP-DM, DAPS) gets fewer steps / runs: each timed run
+        # stays within --measure-cap-s (the warm-up's time per step, which includes one-time costs, is the estimate)
+        steps = min(a.steps, max(1, int(a.measure_cap_s / max(warm / w, 1e-9))))
+        repeats = min(a.repeats, max(1, int(a.measure_cap_s / max(warm / w * steps, 1e-9))))
         self.fresh_memory()
         walls = []
-        for _ in range(a.repeats):
-            wall, nfe, finite = self.run(name, meta, prior, y, idx, a.steps)
+        for _ in range(repeats):
+            wall, nfe, finite = self.run(name, meta, prior, y, idx, steps)
             walls.append(wall)
         peak = self.peak_mb()
         wall = statistics.median(walls)
-        steps = a.steps if meta["has_steps"] else 0
-        r = {"batch": batch, "steps": steps, "nfe": nfe, "wall_s": wall, "walls_s": walls, "finite_output": finite,
+        steps = steps if meta["has_steps"] else 0
+        r = {"batch": batch, "steps": steps, "repeats": repeats, "capped": (steps, repeats) != (a.steps, a.repeats)
+             and meta["has_steps"], "nfe": nfe, "wall_s": wall, "walls_s": walls, "finite_output": finite,
              "s_per_image": wall / batch, "s_per_step_per_image": wall / (steps * batch) if steps else None,
              "peak_gpu_mb": peak, "limit": meta["limit"], "forward_kind": meta["kind"]}
         if nfe == 0:
@@ -381,11 +389,11 @@ class Bench:
                 "ratio": red / loop, "weights_mb": weights,
                 "ratio_above_weights": (red - weights) / max(loop - weights, 1e-9)}
 
-    def fits(self, prior, batch, name=None, meta=None) -> tuple[bool, float | None]:
+    def fits(self, prior, batch, name=None, meta=None) -> tuple:
         """Does one ``--probe-steps`` run (or one bare call of kind ``meta['kind']`` when ``name`` is None) at
-        ``batch`` finish without OOM?  Memory is released either way."""
+        ``batch`` finish without OOM?  Memory is released either way (also when the deadline interrupts it)."""
         oom = oom_error_class()
-        state = {}
+        state = {"collect": True}
         error = None
         try:
             self.fresh_memory()
@@ -395,21 +403,21 @@ class Bench:
             else:
                 state["y"], idx = self.problem(prior, batch)
                 self.run(name, meta, prior, state["y"], idx, self.a.probe_steps)
+            state["collect"] = False  # a clean finish leaves no traceback cycles to collect
             ok = True
         except oom:
             ok = False
-            state["collect"] = True
         except DeadlineReached:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. a kernel's 32-bit indexing limit: this batch does not run
             ok, error = False, f"{type(e).__name__}: {str(e)[:200]}"
-            state["collect"] = True
-        prior.probe_batch = None
-        peak = self.peak_mb()
-        collect = state.pop("collect", False)
-        state.clear()
-        prior.reset_nfe()
-        self.fresh_memory(collect)
+        finally:
+            prior.probe_batch = None
+            peak = self.peak_mb()
+            collect = state.pop("collect")
+            state.clear()
+            prior.reset_nfe()
+            self.fresh_memory(collect)
         return (ok, peak) if error is None else (ok, peak, error)
 
 
@@ -417,7 +425,8 @@ def search_max_batch(fits, cap: int, box_s: float, clock=time.monotonic) -> dict
     """Largest ``b <= cap`` with ``fits(b)`` (monotone): doubling from 1, then bisection between the last fit and the
     first failure.  ``fits(b) -> (ok, peak_mb)``, or ``(False, peak_mb, error)`` for a failure that is not an OOM
     (recorded in ``errors``; it bounds the batch all the same).  When ``box_s`` seconds have passed before a probe,
-    stops and reports the largest fit seen as a lower bound (``status`` "time-boxed")."""
+    stops and reports the largest fit seen as a lower bound (``status`` "time-boxed"; "deadline" when the global
+    deadline interrupts a probe)."""
     end = clock() + box_s
     lo, hi, probes, b = 0, None, [], 1
     status = "exact"
@@ -431,7 +440,11 @@ def search_max_batch(fits, cap: int, box_s: float, clock=time.monotonic) -> dict
         if clock() > end:
             status = "time-boxed"
             break
-        ok, peak, *err = fits(b)
+        try:
+            ok, peak, *err = fits(b)
+        except DeadlineReached:
+            status = "deadline"
+            break
         probes.append([b, ok])
         peaks[b] = peak
         if err:
@@ -514,10 +527,14 @@ def measure(a, command: str) -> dict:
     deadline = Deadline(a.budget_s)
     wheels = use_wheels(Path(a.wheels))
     device = torch.device("cpu" if a.dry_run else a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from reddiff.errors import UserError
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from reddiff.errors import UserError
 
-        raise UserError("gpu_check: no CUDA device is available (use --dry-run on a CPU machine)")
+            raise UserError("gpu_check: no CUDA device is available (use --dry-run on a CPU machine)")
+        # an explicit index: set_per_process_memory_fraction refuses a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
     cfg = UNetConfig(**DRY_RUN_UNET) if a.dry_run else ADM_IMAGENET_256_UNCOND
     names, source = discover_samplers()
     if a.samplers:
@@ -554,8 +571,7 @@ def measure(a, command: str) -> dict:
         if bench.cuda:
             torch.cuda.set_per_process_memory_fraction(budget_frac, device)
         # the paper's samplers first (its "max batch" column), then the others, then the bare-call references
-        todo = sorted((n for n in names if "error" not in metas[n]), key=lambda n: (n not in PAPER, names.index(n)))
-        todo += ["bare no_grad", "bare fwd_bwd"]
+        todo = [n for n in by_priority if "error" not in metas[n]] + ["bare no_grad", "bare fwd_bwd"]
         for i, n in enumerate(todo):
             if n.startswith("bare"):
                 meta, sname = {"kind": n.split()[1]}, None
@@ -564,7 +580,9 @@ def measure(a, command: str) -> dict:
                 if not meta["has_steps"]:
                     per[n] = {"n/a": "no network call (0 NFE)"}
                     continue
-            box = min(a.box_s, max(0.0, deadline.left() - a.reserve_s) / max(1, len(todo) - i))
+            # a full box while the others can still get 8 s each, never less than a fair share of what is left
+            spare = deadline.left() - a.reserve_s
+            box = min(a.box_s, max(spare / (len(todo) - i), spare - 8.0 * (len(todo) - i - 1)))
             if box <= 0:
                 per[n] = {"not_measured": "deadline"}
                 continue
@@ -580,7 +598,7 @@ def measure(a, command: str) -> dict:
         finally:
             prior.oom_above = prior.probe_batch = None
         if not r["probes"]:
-            return {"not_measured": "time box"}
+            return {"not_measured": "deadline" if r["status"] == "deadline" else "time box"}
         return {**r, "simulated_oom": a.dry_run, "box_s": round(box, 1)}
 
     def cuda_tests():
@@ -590,9 +608,10 @@ def measure(a, command: str) -> dict:
 
     # phases in order of priority: timings (+ RED-diff memory) per dtype, max batch of the first dtype, the CUDA
     # tests, max batch of the other dtypes
+    by_priority = sorted(names, key=lambda n: (n not in PAPER, names.index(n)))  # the paper's samplers first
     for dt in a.dtypes:
         per = res["timing"].setdefault(dt, {})
-        for n in names:
+        for n in by_priority:
             per[n] = {}
             for b in a.batches:
                 if "error" in metas[n]:
@@ -680,6 +699,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="steps of each timed run (default 5; dry run 3)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median; default 2, dry 1)")
     p.add_argument("--forward-repeats", type=int, default=None, help="timed bare calls (median; default 5, dry 3)")
+    p.add_argument("--measure-cap-s", type=float, default=20.0,
+                   help="seconds one timed run may take: fewer steps/runs for samplers with many calls per step")
     p.add_argument("--probe-steps", type=int, default=2, help="steps of a max-batch probe run")
     p.add_argument("--memory-gib", type=float, default=40.0, help="memory budget of the max-batch search")
     p.add_argument("--max-batch-cap", type=int, default=512)

@@ -62,7 +62,8 @@ def markdown(res: dict) -> str:
          "Pi-GDM, DDRM); `s/call/img` = wall / (NFE x batch).  `wall/fwd` = wall / (NFE x one bare network call at "
          "the same batch: no_grad forward, or forward + backward to the input for samplers that differentiate "
          "through the network); "
-         "`limit` is its target (1.05, or 1.10 with a network gradient).  bf16 = autocast with fp32 weights.  "
+         "`limit` is its target (1.05, or 1.10 with a network gradient).  `(capped)`: fewer steps or runs, so that "
+         "one timed run stays within `--measure-cap-s`.  bf16 = autocast with fp32 weights.  "
          "Peak GPU memory is `torch.cuda.max_memory_allocated` over the timed runs (weights included).  "
          "Paper: RED-diff Table 1 (ImageNet-256); `paper*` = read from a public transcription of the paper, "
          "`unverified` = use as approximate only; the paper's GPU and batch for its s/step column are not stated "
@@ -81,7 +82,8 @@ def markdown(res: dict) -> str:
                     L.append(f"| {n} | {c} |" + " |" * 9 + f" {ps} | {tag} |")
                     continue
                 ok = "-" if r["pass"] is None else ("yes" if r["pass"] else "**no**")
-                L.append(f"| {n} | {r['steps']} | {r['nfe']} | {_f(r['forward_ms'], '{:.1f}')} "
+                capped = " (capped)" if r.get("capped") else ""
+                L.append(f"| {n} | {r['steps']}{capped} | {r['nfe']} | {_f(r['forward_ms'], '{:.1f}')} "
                          f"({r['forward_kind']}) | "
                          f"{r['wall_s']:.3f} | {_f(r['s_per_step_per_image'], '{:.4f}')} | "
                          f"{_f(r.get('s_per_call_per_image'), '{:.4f}')} | "

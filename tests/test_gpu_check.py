@@ -52,6 +52,18 @@ def test_search_time_box_reports_a_lower_bound():
     assert [b for b, _ in r["probes"]] == [1, 2, 4] and r["max_batch"] == 4 and r["first_oom"] is None
 
 
+def test_search_stops_at_the_deadline_with_a_lower_bound():
+    from benchmarks.gpu_check import DeadlineReached
+
+    def fits(b):
+        if b == 8:
+            raise DeadlineReached("deadline")
+        return (True, None)
+
+    r = search_max_batch(fits, cap=512, box_s=1e9)
+    assert r["status"] == "deadline" and r["max_batch"] == 4 and [b for b, _ in r["probes"]] == [1, 2, 4]
+
+
 def test_search_records_non_oom_failures():
     def fits(b):
         return (True, None) if b <= 12 else (False, None, f"RuntimeError at {b}")
@@ -132,9 +144,13 @@ def test_dry_run_produces_every_measurement(root, tmp_path):
                 if r["nfe"] == 0:                            # pinv: no network
                     assert r["wall_over_forward"] is None
                     continue
-                assert r["steps"] == m["steps"]
+                if r["capped"]:                                  # a slow sampler: fewer steps or runs
+                    assert 1 <= r["steps"] <= m["steps"] and 1 <= r["repeats"] <= m["repeats"]
+                    assert (r["steps"], r["repeats"]) != (m["steps"], m["repeats"])
+                else:
+                    assert (r["steps"], r["repeats"]) == (m["steps"], m["repeats"])
                 if name in PAPER or name == "ddim":             # one network call per step
-                    assert r["nfe"] == m["steps"], (name, r["nfe"])
+                    assert r["nfe"] == r["steps"] == m["steps"], (name, r["nfe"])
                 assert r["nfe"] >= 1
                 assert r["forward_kind"] == ("fwd_bwd" if info["needs_grad"] else "no_grad")
                 assert r["s_per_step_per_image"] == pytest.approx(r["wall_s"] / (r["steps"] * r["batch"]), rel=1e-12)
