@@ -61,13 +61,14 @@ def best_claim(found: dict, task: str, winner: str, others: list[str], metric: s
         return "-", "inconclusive", "no run"
     miss = missing_metric(found[(task, winner)], metric)
     if miss:
-        return "missing", "inconclusive", f"{metric} missing: {miss.split(';')[0]}"
+        return "missing", "inconclusive", f"{metric} missing ({miss.split(';')[0].split(' at ')[0]})"
     a = S.read_metric(found[(task, winner)], metric)
-    parts, verdicts = [], []
+    parts, verdicts, absent = [], [], []
     for o in others:
         if (task, o) not in found:
             parts.append(f"vs {o}: no run")
             verdicts.append("inconclusive")
+            absent.append(o)
             continue
         d = S.paired(a, S.read_metric(found[(task, o)], metric))
         v = S.verdict(d, higher)
@@ -76,7 +77,8 @@ def best_claim(found: dict, task: str, winner: str, others: list[str], metric: s
     mean = S.interval(a)["mean"]
     v = ("does not hold" if "does not hold" in verdicts else
          "holds" if all(x == "holds" for x in verdicts) else "inconclusive")
-    return f"{mean:.{3 if metric == 'ssim' else 2}f}; Δ " + ", ".join(parts), v, None
+    return (f"{mean:.{3 if metric == 'ssim' else 2}f}; Δ " + ", ".join(parts), v,
+            f"no run of {', '.join(absent)}" if absent else None)
 
 
 def final(official: str, tuned: Optional[str]) -> str:
@@ -95,8 +97,10 @@ def claim_table1(metric: str, higher: bool = True) -> dict:
     tun = v_tun = miss_tun = None
     if tuned_found:
         tun, v_tun, miss_tun = best_claim(tuned_found, "inpaint_freeform", "reddiff", others, metric, higher)
-    missing = "; ".join(m for m in (miss_off, miss_tun) if m) or (None if tuned_found else
-                                                                  "tuned run absent (results/demo_table1_tuned)")
+    parts = [f"official: {miss_off}" if miss_off and miss_off != miss_tun else miss_off if miss_off else None,
+             (f"tuned: {miss_tun}" if miss_tun and miss_tun != miss_off else None)]
+    missing = "; ".join(m for m in parts if m) or (None if tuned_found else
+                                                   "tuned run absent (results/demo_table1_tuned)")
     if metric == "kid" and not (miss_off or miss_tun):
         missing = "set-level metric: no per-image pairs, no interval"
         v_off = v_tun = "inconclusive" if v_tun else v_off
