@@ -51,7 +51,7 @@ def _job(cfg):
 
     from .errors import UserError
     from .experiment import run
-    from .tune import apply_tuned, objective
+    from .tune import apply_tuned, objective, worst
 
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -66,7 +66,7 @@ def _job(cfg):
         except OSError:
             pass
         if HydraConfig.get().mode.name == "MULTIRUN":
-            return float("nan")  # the sweep goes on; its table shows this job as failed
+            return worst(cfg)  # the sweep goes on (a tuning study scores it worst); its table shows it as failed
         sys.exit(2)
 
 

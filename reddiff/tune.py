@@ -83,21 +83,39 @@ def register() -> list[str]:
     return names
 
 
+#: the score of a trial that diverged, failed or is n/a: the worst value of each objective (0 dB PSNR; LPIPS 2,
+#: above its range).  Finite on purpose: the Optuna sweeper cannot record NaN (optuna 2.10 raises on it).
+WORST = {"psnr": 0.0, "lpips": -2.0}
+
+
+def _metric(cfg: DictConfig) -> str:
+    metric = str(OmegaConf.select(cfg, "tune.objective", default="psnr"))
+    if metric not in WORST:
+        raise UserError(f"tune.objective must be psnr or lpips, got {metric!r}")
+    return metric
+
+
+def worst(cfg: DictConfig) -> float:
+    """The objective of a job that failed (see :data:`WORST`)."""
+    try:
+        return WORST[_metric(cfg)]
+    except UserError:
+        return WORST["psnr"]
+
+
 def objective(cfg: DictConfig, summary: dict) -> float:
     """What ``run.py`` returns: mean PSNR (``tune.objective=psnr``, default) or minus mean LPIPS (``lpips``),
-    higher is better.  NaN (Optuna records a failed trial) when the job is n/a, the metric is missing, or an
+    higher is better.  The worst score (:data:`WORST`) when the job is n/a, the metric has no finite value, or an
     image diverged (a mean over the survivors would reward a setting that blows up)."""
-    metric = str(OmegaConf.select(cfg, "tune.objective", default="psnr"))
-    if metric not in ("psnr", "lpips"):
-        raise UserError(f"tune.objective must be psnr or lpips, got {metric!r}")
+    metric = _metric(cfg)
     if summary.get("status") != "ok" or summary.get("diverged"):
-        return float("nan")
+        return WORST[metric]
     m = summary.get("metrics", {}).get(metric, {})
     if "missing" in m and metric == "lpips" and OmegaConf.select(cfg, "tune") is not None:
         raise UserError(f"tune.objective=lpips but LPIPS is missing: {m['missing']}")
     v = m.get("mean")
     if v is None or not math.isfinite(v):
-        return float("nan")
+        return WORST[metric]
     return float(v) if metric == "psnr" else -float(v)
 
 

@@ -64,14 +64,17 @@ def test_tuning_split_shares_no_pixels_with_the_demo_set_or_the_training_photos(
     assert t.shape == (6, 3, 64, 64) and np.abs(t[:, None] - d[None]).mean(axis=(2, 3, 4)).min() > 0.05
 
 
-def test_objective_is_mean_psnr_and_nan_for_diverged_or_na_jobs():
+def test_objective_is_mean_psnr_and_the_worst_score_for_diverged_or_na_jobs():
     cfg = OmegaConf.create({"tune": {"objective": "psnr"}})
     ok = {"status": "ok", "diverged": 0, "metrics": {"psnr": {"mean": 21.5}, "lpips": {"mean": 0.2}}}
     assert objective(cfg, ok) == 21.5
     assert objective(OmegaConf.create({}), ok) == 21.5  # plain run.py returns mean PSNR too
     assert objective(OmegaConf.create({"tune": {"objective": "lpips"}}), ok) == -0.2
-    assert np.isnan(objective(cfg, {**ok, "diverged": 1}))
-    assert np.isnan(objective(cfg, {"status": "n/a", "metrics": {}}))
+    # finite on purpose: Optuna's sweeper crashes on NaN; worse than any real PSNR / LPIPS
+    assert objective(cfg, {**ok, "diverged": 1}) == 0.0
+    assert objective(cfg, {"status": "n/a", "metrics": {}}) == 0.0
+    assert objective(cfg, {**ok, "metrics": {"psnr": {"mean": float("nan")}}}) == 0.0
+    assert objective(OmegaConf.create({"tune": {"objective": "lpips"}}), {**ok, "diverged": 2}) == -2.0
     with pytest.raises(UserError):
         objective(OmegaConf.create({"tune": {"objective": "lpips"}}),
                   {**ok, "metrics": {"lpips": {"missing": "no weights"}}})
