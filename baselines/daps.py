@@ -119,14 +119,15 @@ class DAPS(Sampler):
     needs_grad = False
     per_item = ("lr", "tau")
     # GMM settings: exact inner draw, Tweedie x0_hat (1 NFE per level), the operator's own likelihood (tau=None);
-    # levels and range chosen from gmm_tune_grid on the tuning seed (docs/SAMPLERS.md, "GMM settings"):
+    # levels and range chosen from gmm_tune_grid on the tuning seed (results/gmm_daps_pnpdm.md):
     # python -m benchmarks.gmm_posterior --tune --samplers daps --dims 8,80 --dims-y 1,4 --problems 3 --samples 500
-    # (winner: steps 40, sigma_max 100, sigma_min 0.02, score 0.622; the former 25 / 100 / 0.1: 0.667)
-    gmm_hparams = {"steps": 40, "sigma_max": 100.0, "sigma_min": 0.02, "ode_steps": 1, "ode_sigma_min": 0.0,
+    # (and with --dims 8,80,800: the same winner).  Winner: 80 levels, sigma_max 100, sigma_min 0.1 (score 0.567 on
+    # d = 8, 80; 40 levels: 0.622, 25: 0.667).  80 NFE: about 1-2 s per problem at d = 800 (2000 samples).
+    gmm_hparams = {"steps": 80, "sigma_max": 100.0, "sigma_min": 0.1, "ode_steps": 1, "ode_sigma_min": 0.0,
                    "mcmc": "exact", "tau": None}
-    # steps <= 40: the time budget at d = 800 (about 70 ms per level for 2000 samples); sigma_max 150 covers the
-    # prior's spread along the means at d = 800 (std 8 sqrt(d) = 226; the schedule's largest sigma_t is 157)
-    gmm_tune_grid = {"steps": [25, 40], "sigma_max": [100.0, 150.0], "sigma_min": [0.02, 0.1]}
+    # steps <= 80: the time budget at d = 800 (about 25 ms per level for 2000 samples, unloaded); sigma_max 150
+    # covers the prior's spread along the means at d = 800 (std 8 sqrt(d) = 226; the largest sigma_t is 157)
+    gmm_tune_grid = {"steps": [25, 40, 80], "sigma_max": [100.0, 150.0], "sigma_min": [0.02, 0.1]}
     test_overrides = {"steps": 6, "ode_steps": 2, "langevin_steps": 3, "tau": None}
     # Tweedie x0_hat (one Euler step to sigma = 0): the variant that is asymptotically exact (module docstring);
     # lr below 2 / (max curvature) of this problem.  Errors at 120 levels: about 0.06 / 0.06 (tests/test_daps.py)
