@@ -1,4 +1,4 @@
-"""Gaussian-mixture posterior benchmark with an exact posterior (the MCGdiff protocol; ANCHORS.md).
+"""Gaussian-mixture posterior benchmark with an exact posterior (the MCGdiff protocol; docs/ANCHORS.md).
 
     python -m benchmarks.gmm_posterior [--dims 8,80,800] [--dims-y 1,2,4] [--problems 20] [--samples 2000]
                                        [--steps 100] [--seed 0] [--json FILE] [--samplers reddiff,dps,pigdm,ddrm]
@@ -13,7 +13,7 @@ distance to ``samples`` exact-posterior samples, with 1000 random directions sha
 Two references run on the same problems: ``exact`` (an independent exact-posterior draw: the floor) and ``prior``
 (prior samples: "ignore the data").
 
-SW convention: ``SW_1 = mean over directions of W_1`` of the projected empirical measures (the ANCHORS floor and
+SW convention: ``SW_1 = mean over directions of W_1`` of the projected empirical measures (the docs/ANCHORS.md floor and
 "ignore the data" ranges were measured with it); ``SW_2 = sqrt(mean W_2^2)`` (POT's default) is also stored as
 ``sw2_*``.  The JSON holds, under ``results[str(d)][str(d_y)][name]``, ``{"sw_mean", "sw_ci95", "seconds", ...}``
 with ``sw_ci95 = 1.96 std / sqrt(problems)`` and ``seconds`` the mean wall time per problem (one batch of

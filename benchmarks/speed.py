@@ -1,4 +1,4 @@
-"""Speed benchmark (DESIGN.md contract 4): each sampler's wall time against the cost of its network calls.
+"""Speed benchmark (docs/DESIGN.md contract 4): each sampler's wall time against the cost of its network calls.
 
     python -m benchmarks.speed [--quick] [--json FILE] [--md FILE] [--prior embedded|adm256-random|ffhq256-random]
                                [--batch 1,8] [--steps N] [--samplers reddiff,dps,...]
@@ -577,7 +577,7 @@ def _f(v, fmt="{:.3f}"):
 def markdown(res: dict) -> str:
     m = res["meta"]
     mach = m["machine"]
-    L = ["# Speed benchmark (DESIGN.md contract 4)", "",
+    L = ["# Speed benchmark (docs/DESIGN.md contract 4)", "",
          f"Command: `{m['command']}`  ", f"Date: {m['date']}, total {m['total_wall_s']:.0f} s  ",
          f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['cores_available']} available), "
          f"{mach['platform']}, Python {mach['python']}, torch {mach['torch']}, "

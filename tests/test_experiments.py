@@ -1,7 +1,7 @@
 """Experiment presets (conf/experiment/*.yaml), their plots and docs/REPRODUCE.md.
 
 * Every preset composes, names its W&B group and sweep dir, and sweeps the intended axes; every job of every sweep
-  composes and builds its sampler with the paper's settings (ANCHORS.md) -- no sampling.
+  composes and builds its sampler with the paper's settings (docs/ANCHORS.md) -- no sampling.
 * Dry runs (slow): for each GPU preset, representative jobs run end to end on one demo image with the embedded
   prior and 2 steps (in-process, exactly as run.py runs a job): paper presets run *every sampler* of their first
   task (paper_deblur also the second task with RED-diff, paper_nonlinear the tasks that need no extra weights),
@@ -45,7 +45,7 @@ OURS = [p for p in PRESETS if p not in OTHERS]
 GPU = [p for p in OURS if not p.startswith("demo_")]
 DEMO = [p for p in OURS if p.startswith("demo_")]
 TABLE1_SAMPLERS = ["reddiff", "dps", "pigdm", "ddrm", "pinv"]
-#: the images of the full data sets (ANCHORS.md: the 1k DGP ImageNet validation list; FFHQ 00000-00999)
+#: the images of the full data sets (docs/ANCHORS.md: the 1k DGP ImageNet validation list; FFHQ 00000-00999)
 FULL_SET = {"imagenet1k": 1000, "ffhq1k": 1000, "demo": 12}
 
 EXPECTED_AXES = {
@@ -171,7 +171,7 @@ def _by_sampler(name):
 
 
 def test_paper_table1_settings(hydra_ctx):
-    """ANCHORS.md: RED-diff 1000 steps with the code defaults (lr 0.1, lam 0.25, linear), DPS 1000 steps zeta 0.1,
+    """docs/ANCHORS.md: RED-diff 1000 steps with the code defaults (lr 0.1, lam 0.25, linear), DPS 1000 steps zeta 0.1,
     Pi-GDM guidance weight 1 (100 steps), DDRM 20 steps eta 0.85 / eta_b 1; free-form inpainting, noiseless;
     all five metrics."""
     jobs = _by_sampler("paper_table1")

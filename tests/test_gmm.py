@@ -65,7 +65,7 @@ def test_denoiser_is_tweedie_of_finite_difference_score(kind, t):
 
 
 def test_identity_denoiser_matches_anchor_formula_mcgdiff_d800():
-    """ANCHORS: r = softmax(log w - ||x - sqrt(a) mu||^2 / 2), E[x0|x_t] = sqrt(a) x + (1-a) sum r mu."""
+    """docs/ANCHORS.md: r = softmax(log w - ||x - sqrt(a) mu||^2 / 2), E[x0|x_t] = sqrt(a) x + (1-a) sum r mu."""
     g = torch.Generator().manual_seed(3)
     prior = GaussianMixturePrior.mcgdiff(800, g)
     assert prior.mean_basis.shape == (800, 2)  # the means span a plane

@@ -497,7 +497,7 @@ def test_batch_equals_loop_dense_float64(name):
 
 # ---------------------------------------------------------------------------------------------------------- configs
 def test_sampler_configs_instantiate_with_task_overrides():
-    """conf/sampler/*.yaml resolve against task.hparams (ANCHORS defaults otherwise) and instantiate."""
+    """conf/sampler/*.yaml resolve against task.hparams (docs/ANCHORS.md defaults otherwise) and instantiate."""
     from pathlib import Path
 
     from hydra.utils import instantiate

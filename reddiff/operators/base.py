@@ -19,7 +19,7 @@ of ``H = U diag(s) V^T`` on *flattened* vectors, applied implicitly (never a den
 
 So ``H x = U(pad_m(s * Vt(x)[:, :k]))``.
 
-Noise convention (DESIGN.md): ``sigma_y`` is in [0, 1] pixel units and images live in [-1, 1], so the noise
+Noise convention (docs/DESIGN.md): ``sigma_y`` is in [0, 1] pixel units and images live in [-1, 1], so the noise
 std in model space is ``value_range * sigma_y`` with ``value_range = 2`` for images and 1 for vectors.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ so the score, the noise prediction and Tweedie's denoiser are available in close
 
 with responsibilities ``r_i = softmax_i(log w_i + log N(x_t; sqrt(a) mu_i, C_i))`` computed in log space.
 Writing ``eps`` through ``C_i^{-1}(x_t - sqrt(a) mu_i)`` avoids the cancellation of
-``x_t - sqrt(a) E[x0|x_t]`` at small t.  For identity covariances this is the ANCHORS formula
+``x_t - sqrt(a) E[x0|x_t]`` at small t.  For identity covariances this is the docs/ANCHORS.md formula
 ``E[x0|x_t] = sqrt(a) x_t + (1 - a) sum_i r_i mu_i`` (``C_i = I``).
 
 Covariances come in three representations, all exact:

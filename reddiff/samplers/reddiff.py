@@ -1,7 +1,7 @@
 """RED-diff: regularisation by denoising diffusion (Mardani, Song, Kautz, Vahdat, ICLR 2024).
 
 Variational posterior ``q(x0 | y) = N(mu, sigma_x0^2 I)``; ``mu`` is fitted with Adam, one diffusion timestep per
-iteration, as in the official code (``algos/reddiff.py`` of NVlabs/RED-diff; ANCHORS.md):
+iteration, as in the official code (``algos/reddiff.py`` of NVlabs/RED-diff; docs/ANCHORS.md):
 
     mu <- H^+(y)
     for t in timesteps(steps, ordering):             # every (T/steps)-th step, descending by default
