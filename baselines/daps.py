@@ -35,7 +35,13 @@ from typing import Callable, Optional
 
 import torch
 
+from reddiff.errors import UserError
 from reddiff.samplers.base import Sampler, bcast, validate_steps
+
+
+class LikelihoodNoiseError(UserError, ValueError):
+    """The configured likelihood needs a noise std > 0 and the task has none (raised up front by ``check``:
+    one line, exit code 2, before any image is processed)."""
 
 
 def ve_sigmas(schedule) -> torch.Tensor:
@@ -166,6 +172,12 @@ class DAPS(Sampler):
         self.spacing = spacing
         self.log_every = max(1, int(log_every))
 
+    def check(self, operator) -> None:
+        super().check(operator)
+        if self.tau is None and not operator.noise_std > 0:
+            raise LikelihoodNoiseError("daps: tau=None (the operator's own likelihood) needs a noisy operator "
+                                       "(sigma_y > 0); give sampler.tau explicitly for noiseless tasks")
+
     # ------------------------------------------------------------------ schedule (snapped to the prior's levels)
     def plan(self, prior) -> list[tuple[int, float, list[tuple[int, float]], float]]:
         """Per annealing level ``(t_k, sigma_k, ode, sigma_{k+1})``; ``ode`` is the list of snapped ODE points
@@ -212,9 +224,6 @@ class DAPS(Sampler):
         shape = self.sample_shape(y, prior)
         like = torch.empty(shape, dtype=y.dtype, device=y.device)
         if self.tau is None:
-            if not operator.noise_std > 0:
-                raise ValueError("daps: tau=None (the operator's own likelihood) needs a noisy operator "
-                                 "(sigma_y > 0); give tau explicitly for noiseless tasks")
             tau = self._coef(math.sqrt(2.0) * operator.noise_std, B, like, "tau")
         else:
             tau = self._coef(self.tau, B, like, "tau")

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from baselines.daps import data_grad, gaussian_conditional, poly_grid, snap, ve_sigmas
+from baselines.daps import LikelihoodNoiseError, data_grad, gaussian_conditional, poly_grid, snap, ve_sigmas
 from reddiff.operators.base import SVDOperator
 from reddiff.samplers.base import Sampler, validate_steps
 
@@ -119,6 +119,12 @@ class PnPDM(Sampler):
         self.spacing = spacing
         self.log_every = max(1, int(log_every))
 
+    def check(self, operator) -> None:
+        super().check(operator)
+        if not max(float(operator.noise_std), self.sigma_floor) > 0:
+            raise LikelihoodNoiseError("pnpdm: the likelihood needs a noise std > 0: the operator is noiseless and "
+                                       "sigma_floor = 0 (set sampler.sigma_floor > 0)")
+
     # ------------------------------------------------------------------ schedule
     def plan(self, prior) -> list[tuple[int, float, list[tuple[int, float]]]]:
         """Per iteration ``(t_rho, rho_i, pts)``: the snapped coupling level and the prior step's points
@@ -169,9 +175,6 @@ class PnPDM(Sampler):
         self.check_prior(prior)
         plan = self.plan(prior)
         sigma = max(float(operator.noise_std), self.sigma_floor)
-        if not sigma > 0:
-            raise ValueError("pnpdm: the likelihood needs a noise std > 0: the operator is noiseless and "
-                             "sigma_floor = 0 (set sampler.sigma_floor > 0)")
         exact = self.likelihood == "exact" or (self.likelihood == "auto" and isinstance(operator, SVDOperator))
         shape = self.sample_shape(y, prior)
         last = len(plan) - 1
