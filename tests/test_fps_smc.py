@@ -9,37 +9,13 @@ import torch
 
 from reddiff import registry
 from reddiff.operators.matrix import MatrixOperator
-from reddiff.priors.gaussian import GaussianPrior
 from reddiff.priors.gmm import GaussianMixturePrior
 from reddiff.rng import BatchRNG
 
+from gaussian_case import weighted_errors  # noqa: E402 - tests/ helper
+
 torch.set_num_threads(1)
 NAME = "fps_smc"
-
-
-def gaussian_problem(sigma=0.3, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    d, m = 6, 3
-    L = torch.randn(d, d, generator=g, dtype=torch.float64)
-    cov = L @ L.T / d + 0.2 * torch.eye(d, dtype=torch.float64)
-    prior = GaussianPrior(dim=d, cov=cov)
-    A = torch.randn(m, d, generator=g, dtype=torch.float64)
-    x = torch.linalg.cholesky(cov) @ torch.randn(d, generator=g, dtype=torch.float64)
-    y = A @ x + sigma * torch.randn(m, generator=g, dtype=torch.float64)
-    mean, pcov = prior.posterior(A, y[None], sigma)
-    return prior, MatrixOperator(A, sigma_y=sigma), y, mean.reshape(-1), pcov.reshape(d, d)
-
-
-def weighted_errors(name, N, B=250, steps=100, **kw):
-    """Relative errors of the pooled weighted particle mean / covariance (B items, N particles each)."""
-    prior, op, y, mean, pcov = gaussian_problem()
-    smp = registry.build_sampler(name, steps=steps, particles=N, **kw)
-    X, logw = smp.run(y[None].expand(B, -1).contiguous(), op, prior, BatchRNG(0, per_item=False))
-    w = (torch.softmax(logw, 1) / B).reshape(-1)
-    Xf = X.reshape(-1, X.shape[-1])
-    mu = w @ Xf
-    C = (Xf - mu).T @ ((Xf - mu) * w[:, None])
-    return float((mu - mean).norm() / pcov.diag().sum().sqrt()), float((C - pcov).norm() / pcov.norm())
 
 
 def test_error_shrinks_with_particles():
