@@ -3,7 +3,8 @@
 The config comes from the clone's ``conf/`` when this package runs from a clone, else from the copy installed
 as package data (``reddiff.conf``), so ``pip install .`` works from any directory.  Before Hydra starts,
 :func:`preflight` checks that an explicit ``hydra.run.dir``/``hydra.sweep.dir`` can be created and written
-(Hydra itself would fail there with a traceback).
+(Hydra itself would fail there with a traceback), and that an explicit job folder is not held by another run (so a
+refused second writer never rewrites the first one's ``.hydra/`` files).
 """
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def preflight(argv: list[str]) -> None:
             _fail(f"{key}={val} cannot be created: {e.strerror or e}")
         if not os.access(p, os.W_OK):
             _fail(f"{key}={val} is not writable")
+        if key == "hydra.run.dir":  # a busy job folder is refused before Hydra rewrites its .hydra/ files
+            from .errors import UserError
+            from .jobdir import JobLock
+
+            try:
+                JobLock(p).acquire().release()
+            except UserError as e:
+                _fail(str(e))
 
 
 def _job(cfg):

@@ -22,6 +22,12 @@ from .results import atomic_write_text, load_features, read_rows, safe_name
 
 SHARD_RE = re.compile(r"^(\+*data\.shard|\+*data\.num_shards|hydra\..*|resume|progress|device)=")
 METRIC_ORDER = ["psnr", "ssim", "lpips", "kid", "fid", "top1", "top5"]
+#: header labels with units where a metric is scaled (KID is stored x10^3, the unit the official code logs)
+UNITS = {"kid": "kid (×10³)", "psnr": "psnr (dB)", "top1": "top1 (%)", "top5": "top5 (%)"}
+
+
+def unit_label(metric: str) -> str:
+    return UNITS.get(metric, metric)
 
 
 def find_jobs(root: Path) -> list[Path]:
@@ -122,7 +128,8 @@ def build_rows(summaries: list[dict], ref: str | None = None) -> tuple[list[str]
             keys.setdefault(k, set()).add(v)
     varying = {k for k, vs in keys.items() if len(vs) > 1 or len(summaries) == 1}
     paper_metrics = [m for m in METRIC_ORDER if any(m in lookup(s.get("task"), s.get("sampler")) for s in summaries)]
-    header = ["job", "task", "sampler", "n"] + metrics + ["NFE/img", "s/img"] + [f"paper {m}" for m in paper_metrics]
+    header = (["job", "task", "sampler", "n"] + [unit_label(m) for m in metrics] + ["NFE/img", "s/img"]
+              + [f"paper {unit_label(m)}" for m in paper_metrics])
     refs = {s.get("task"): s for s in summaries if ref and s.get("sampler") == ref and s.get("status") == "ok"}
     if ref:
         header.append(f"Δ{metrics[0]} vs {ref} [95%]" if metrics else f"Δ vs {ref}")

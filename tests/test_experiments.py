@@ -40,11 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 #: presets owned elsewhere (tested by their owners)
-OTHERS = {"demo_lambda_lr_batched"}
+OTHERS = {"demo_lambda_lr_batched", "demo_lambda_lr_small"}  # python -m reddiff.sweep presets
 OURS = [p for p in PRESETS if p not in OTHERS]
 GPU = [p for p in OURS if not p.startswith("demo_")]
 DEMO = [p for p in OURS if p.startswith("demo_")]
 TABLE1_SAMPLERS = ["reddiff", "dps", "pigdm", "ddrm", "pinv"]
+#: the demo tables also run the round-2 solvers
+DEMO_SAMPLERS = TABLE1_SAMPLERS + ["ddnm", "diffpir", "daps", "pnpdm", "mcgdiff", "fps_smc"]
 #: the images of the full data sets (docs/ANCHORS.md: the 1k DGP ImageNet validation list; FFHQ 00000-00999)
 FULL_SET = {"imagenet1k": 1000, "ffhq1k": 1000, "demo": 12}
 
@@ -59,8 +61,9 @@ EXPECTED_AXES = {
                            "sampler.lr": ["0.025", "0.05", "0.1", "0.25", "0.5"]},
     "ablation_steps": {"sampler": ["reddiff", "dps", "pigdm", "ddrm"],
                        "sampler.steps": ["10", "20", "50", "100", "200", "500", "1000"]},
-    "demo_table1": {"sampler": TABLE1_SAMPLERS},
-    "demo_sr4": {"sampler": TABLE1_SAMPLERS},
+    "demo_table1": {"sampler": DEMO_SAMPLERS},
+    "demo_sr4": {"sampler": DEMO_SAMPLERS},
+    "demo_nonlinear": {"task": ["phase_retrieval", "hdr"], "sampler": ["reddiff", "dps"]},
     "demo_weighting": {"sampler.weighting": list(WEIGHTINGS)},
     "demo_order": {"sampler.ordering": list(ORDERINGS)},
     "demo_lambda_lr": {"sampler.lam": ["0.0", "0.05", "0.25", "1.0", "4.0"],
@@ -109,8 +112,14 @@ def _job_settings(name: str, job: tuple) -> dict:
 
 
 def nfe(sampler) -> int:
-    """Network evaluations per image of a built sampler (pinv: none)."""
-    return int(getattr(sampler, "steps", 0))
+    """Network evaluations per image of a built sampler, as it declares them (inner ODE steps and particles count;
+    pinv: none)."""
+    from reddiff.diffusion import Schedule
+
+    class _Sched:  # expected_nfe only needs the schedule
+        schedule = Schedule()
+
+    return int(sampler.expected_nfe(_Sched()))
 
 
 # ------------------------------------------------------------------------------ composition (fast)
@@ -239,7 +248,8 @@ def test_ablations_hold_everything_but_their_axis(hydra_ctx):
 def test_demo_table1_settings(hydra_ctx):
     jobs = _by_sampler("demo_table1")
     steps = {k[1]: nfe(v["sampler"]) for k, v in jobs.items()}
-    assert steps == {"reddiff": 100, "dps": 100, "pigdm": 100, "ddrm": 20, "pinv": 0}
+    assert steps == {"reddiff": 100, "dps": 100, "pigdm": 100, "ddrm": 20, "pinv": 0, "ddnm": 100,
+                     "diffpir": 20, "daps": 100, "pnpdm": 91, "mcgdiff": 100, "fps_smc": 100}  # DiffPIR: official 20
     assert jobs[("inpaint_freeform", "dps")]["sampler"].zeta == 0.1
     assert _by_sampler("demo_sr4")[("sr4", "pinv")]["sampler"].bicubic is True
 
@@ -447,14 +457,15 @@ def test_gpu_preset_dry_run(hydra_ctx, one_thread, tmp_path, name):
 
 @pytest.mark.slow
 def test_demo_table1_multirun_end_to_end(tmp_path):
-    """`run.py -m +experiment=demo_table1` (all five samplers, 1 image, 2 steps, W&B offline): one table row per
+    """`run.py -m +experiment=demo_table1` (the paper's five samplers, 1 image, 2 steps, W&B offline): one table row per
     sampler, plots and the W&B table (group = experiment name) written at the end of the sweep."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
            "HYDRA_FULL_ERROR": "1"}
     args = [sys.executable, "run.py", "-m", "+experiment=demo_table1", "hydra/launcher=basic", "data.count=1",
             "progress=false", "metrics.names=[psnr,ssim]", "batch_size=1",
-            *[f"task.hparams.{s}.steps=2" for s in ("reddiff", "dps", "pigdm", "ddrm")], f"hydra.sweep.dir={sweep}"]
+            *[f"task.hparams.{s}.steps=2" for s in ("reddiff", "dps", "pigdm", "ddrm")], f"hydra.sweep.dir={sweep}",
+            "hydra.sweeper.params.sampler=" + ",".join(TABLE1_SAMPLERS)]  # the paper's five (the solvers: generic tests)
     p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     md = (sweep / "table.md").read_text()

@@ -369,3 +369,19 @@ def test_row14_redone_batch_is_bit_identical(tmp_path):
     redone = {n for n in ref_png if n.split(".")[0].removesuffix("_y") in {
         lines[2].split(",")[0], lines[6].split(",")[0]}}
     assert redone and all(got_png[n] == ref_png[n] for n in redone)
+
+
+def test_busy_folder_refused_before_hydra_writes(tmp_path, capsys):
+    """A second writer is refused by the pre-flight check, before Hydra would rewrite the holder's .hydra/."""
+    from reddiff.entry import preflight
+    from reddiff.jobdir import JobLock
+
+    d = tmp_path / "job"
+    with JobLock(d):
+        with pytest.raises(SystemExit) as e:
+            preflight([f"hydra.run.dir={d}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by another run" in err[0] and str(os.getpid()) in err[0]
+    assert not (d / ".hydra").exists()
+    preflight([f"hydra.run.dir={d}"])  # free again: accepted
