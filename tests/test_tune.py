@@ -87,7 +87,18 @@ def _cfg(steps=100, zeta=0.1, prior="embedded"):
         "tuned": {"prior": "embedded", "table": {"inpaint_freeform": {"s100": {"dps": {"zeta": 3.0}}}}}})
 
 
-def test_apply_tuned_sets_the_values_for_that_task_steps_and_sampler_only():
+@pytest.fixture
+def no_hydra_context():
+    """No Hydra job context left over from an earlier test (its overrides would count as explicit keys)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.instance()
+    saved, hc.cfg = hc.cfg, None
+    yield
+    hc.cfg = saved
+
+
+def test_apply_tuned_sets_the_values_for_that_task_steps_and_sampler_only(no_hydra_context):
     cfg = apply_tuned(_cfg())
     assert cfg.sampler.zeta == 3.0 and cfg.tuned.applied.settings == {"zeta": 3.0}
     other = apply_tuned(_cfg(steps=50))  # not tuned at 50 steps: official value kept, and recorded
