@@ -49,21 +49,23 @@ def _demo_jobs():
 
 
 def test_photo_clustered_interval_is_wider_than_the_naive_one_on_the_demo_set():
-    """The committed demo Table 1: for every sampler and metric the photo-clustered interval is wider than the
-    naive 12-independent-images interval of summary.json (crops of one photo are correlated), typically by far
-    more than 1.5x.  Samplers below the pseudo-inverse floor are left out: a failed run whose output ignores the
-    photo (PnP-DM at its CPU budget, 12.96 dB) has no photo effect to see."""
+    """The committed demo Table 1: the photo-clustered PSNR interval is wider than the naive
+    12-independent-images interval of summary.json (crops of one photo are correlated) by more than 1.5x for
+    every sampler above the pseudo-inverse floor (measured 4.2-4.8x), and the median ratio over all samplers and
+    both metrics is above 1.5.  Not universal: a failed run whose output ignores the photo (PnP-DM at its CPU budget)
+    has little photo effect, and MCG-diff's SSIM per-photo means nearly coincide (ratio 0.21)."""
     ratios = {}
     jobs = _demo_jobs()
-    floor = S.interval(S.read_metric(next(j for j in jobs if j.name.endswith("_pinv")), "psnr"))["mean"]
-    for job in [j for j in jobs if S.interval(S.read_metric(j, "psnr"))["mean"] >= floor]:
+    for job in jobs:
         for metric in ("psnr", "ssim"):
             vals = S.read_metric(job, metric)
             assert len(vals) == 12 and {S.cluster_of(k) for k in vals} == set(HELD_OUT)
             clustered, naive = S.interval(vals), S.naive_interval(vals.values())
             assert clustered["mean"] == pytest.approx(naive["mean"])  # 4 crops per photo: same mean
             ratios[(job.name, metric)] = clustered["half"] / naive["half"]
-    assert min(ratios.values()) > 1.0, ratios
+    floor = S.interval(S.read_metric(next(j for j in jobs if j.name.endswith("_pinv")), "psnr"))["mean"]
+    above = [j.name for j in jobs if S.interval(S.read_metric(j, "psnr"))["mean"] >= floor]
+    assert len(above) >= 5 and all(ratios[(n, "psnr")] > 1.5 for n in above), ratios
     assert float(np.median(list(ratios.values()))) > 1.5, ratios
 
 
