@@ -7,6 +7,7 @@ import torch
 from reddiff import registry
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
+from reddiff.priors.gmm import GaussianMixturePrior
 from reddiff.rng import BatchRNG
 
 
@@ -35,3 +36,13 @@ def weighted_errors(name, N, B=250, steps=100, **kw):
     mu = w @ Xf
     C = (Xf - mu).T @ ((Xf - mu) * w[:, None])
     return float((mu - mean).norm() / pcov.diag().sum().sqrt()), float((C - pcov).norm() / pcov.norm())
+
+
+def gmm_problem(sigma=0.5, B=3):
+    """A 4-D Gaussian-mixture prior, a 2 x 4 measurement and ``B`` noisy measurements: ``(prior, operator, y)``."""
+    g = torch.Generator().manual_seed(0)
+    prior = GaussianMixturePrior.mcgdiff(4, g)
+    A = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    x = prior.sample(B, g)
+    y = x @ A.T + sigma * torch.randn(B, 2, generator=g, dtype=torch.float64)
+    return prior, MatrixOperator(A, sigma_y=sigma), y
