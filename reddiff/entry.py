@@ -46,10 +46,10 @@ def preflight(argv: list[str]) -> None:
             _fail(f"{key}={val} is not writable")
         if key == "hydra.run.dir":  # a busy job folder is refused before Hydra rewrites its .hydra/ files
             from .errors import UserError
-            from .jobdir import JobLock
+            from .jobdir import probe_lock
 
             try:
-                JobLock(p).acquire().release()
+                probe_lock(p)
             except UserError as e:
                 _fail(str(e))
 

@@ -152,6 +152,23 @@ class JobLock:
         self.release()
 
 
+def probe_lock(job_dir: Path) -> None:
+    """Raise the :class:`JobLock` refusal if another process holds ``job_dir``'s lock; never creates or writes the
+    lock file (a probe must not look like a holder), and holds the lock only for the instant of the test."""
+    path = Path(job_dir) / ".lock"
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        raise UserError(f"{path.parent} is in use by another run (PID {holder}); wait for it to finish "
+                        "or use another folder") from None
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock taken here
+
+
 class InputsLog:
     """Skipped and converted inputs of a job dir, kept across resumed runs (``inputs.json``)."""
 
