@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast bench tables results tune claims clean-venv gpu-wheels gpu-check gpu-check-dry
 
-DEMO_PRESETS := demo_table1 demo_sr4 demo_weighting demo_order demo_steps
+DEMO_PRESETS := demo_table1 demo_sr4 demo_inpaint_box demo_weighting demo_order demo_steps
 
 setup: $(STAMP)
 

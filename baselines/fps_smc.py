@@ -42,23 +42,29 @@ class FPSSMC(SpectralSMC):
         min_noise_std: floor of the measurement noise std (model units) used by the potentials (unverified).
         resampling, ess_threshold: multinomial every step, as the official (gaussian_diffusion.py:502).
         chunk_elements: most particle entries per network call (0: all at once).
+        draws_per_system: samples taken from one system of items sharing a measurement (1: one per item, as the
+            official; 0: all M particles; reddiff/samplers/smc.py).
     """
 
     name = "fps_smc"
     divide_previous = False
     per_item = ()
     test_overrides = {"particles": 4}
-    # GMM: N = 2 particles, 20 steps: what the full benchmark's run-time budget leaves after MCG-diff (N = 6);
-    # results/particle_curve.md (`python -m benchmarks.particle_curve`) shows SW vs N, not tuned on the reported problems
-    gmm_hparams = {"particles": 2, "steps": 20, "resampling": "systematic"}
-    gmm_tune_grid = {"particles": [8], "c_rate": [0.5, 0.95], "resampling": ["multinomial", "systematic"]}
+    # GMM: 10 pooled systems of M = 200 particles, all particles kept (draws_per_system = 0: 2000 network
+    # evaluations per step for the 2000 samples), 100 steps, c_rate 0.2: chosen by
+    # `python -m benchmarks.gmm_posterior --tune --samplers fps_smc --problems 5` on the tuning seed
+    # (results/gmm_particles.md); one y-sequence per system, so fewer, larger systems are not better
+    gmm_hparams = {"particles": 200, "draws_per_system": 0, "steps": 100, "c_rate": 0.2, "resampling": "systematic"}
+    gmm_tune_grid = {"particles": [50, 200, 1000], "draws_per_system": [0], "steps": [100],
+                     "c_rate": [0.05, 0.2, 0.5, 0.8, 0.95], "resampling": ["systematic"]}
     tune_space = {"c_rate": "interval(0.5, 1.0)"}  # reddiff.tune (unverified: around the official 0.95)
     exact_gaussian = {"overrides": {"steps": 50, "particles": 16, "c_rate": 0.05}, "mean_tol": 0.45, "cov_tol": 0.3}
 
     def __init__(self, steps: int = 100, particles: int = 5, c_rate: float = 0.95, min_noise_std: float = 1e-3,
-                 resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 21,
-                 spacing: str = "default", log_every: int = 10):
-        super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every)
+                 resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 17,
+                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1):
+        super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every,
+                         draws_per_system)
         if not 0.0 < float(c_rate) <= 1.0:
             raise ValueError(f"fps_smc: c_rate must be in (0, 1], got {c_rate}")
         if not float(min_noise_std) > 0.0:

@@ -23,7 +23,8 @@ when sigma_y = 0); the potential of a coordinate is not divided out at the step 
 of the target; the official divides, which with a tiny kappa multiplies the weights by an independent heavy-tailed
 factor); the chain runs to alpha_bar = 1 and the noisy case needs no final likelihood reweighting (the official
 multiplies by p(y | x0) at the end, particle_filter.py:146-149); the official script returns one particle per run
-drawn by the final weights (scripts/viz_gaussian.py:150-151), as here; any strided schedule (no singular-value
+drawn by the final weights (scripts/viz_gaussian.py:150-151), as here by default, while ``draws_per_system``
+can also keep every particle of a system (the GMM benchmark setting); any strided schedule (no singular-value
 adapted timesteps, utils.py:136-155).
 """
 from __future__ import annotations
@@ -46,24 +47,31 @@ class MCGDiff(SpectralSMC):
             particle_filter.py:50; the GMM script uses 1e-8, viz_gaussian.py:147).
         resampling, ess_threshold: multinomial every step as the official (particle_filter.py:112).
         chunk_elements: most particle entries per network call (0: all N at once).
+        draws_per_system: samples taken from one system of items sharing a measurement (1: one per item, as the
+            official script; 0: all N particles; reddiff/samplers/smc.py).
     """
 
     name = "mcgdiff"
     divide_previous = True
     per_item = ()
     test_overrides = {"particles": 4}
-    # GMM: N = 6 particles, 20 steps: the largest N within the full benchmark's run-time budget (~0.8 s per particle
-    # per problem averaged over the 9 cells, dominated by d = 800); N = 16-64 reaches the floor region at d = 8
-    # (results/particle_curve.md, `python -m benchmarks.particle_curve`), not tuned on the reported problems
-    gmm_hparams = {"particles": 6, "steps": 20, "kappa": 1e-8, "resampling": "systematic"}
-    gmm_tune_grid = {"particles": [16], "steps": [20, 50], "resampling": ["multinomial", "systematic"]}
+    # GMM: 4 pooled systems of N = 500 particles, all particles kept (draws_per_system = 0: 2000 network evaluations
+    # per step for the 2000 samples, like the other samplers), 50 steps, resampling when ESS < N/2: chosen by
+    # `python -m benchmarks.gmm_posterior --tune --samplers mcgdiff --problems 5` on the tuning seed
+    # (results/gmm_particles.md); one draw per system as the official script costs N times more
+    # (results/particle_curve.md)
+    gmm_hparams = {"particles": 500, "draws_per_system": 0, "steps": 50, "ess_threshold": 0.5,
+                   "resampling": "systematic", "kappa": 1e-8}
+    gmm_tune_grid = {"particles": [250, 500, 1000, 2000], "draws_per_system": [0], "steps": [50, 100],
+                     "ess_threshold": [1.0, 0.5], "resampling": ["systematic"]}
     tune_space = {"eta": "interval(0.0, 1.0)"}  # reddiff.tune (unverified: the DDIM range, official 1.0 inside)
     exact_gaussian = {"overrides": {"steps": 50, "particles": 16}, "mean_tol": 0.45, "cov_tol": 0.3}
 
     def __init__(self, steps: int = 100, particles: int = 16, eta: float = 1.0, kappa: float = 1e-4,
-                 resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 21,
-                 spacing: str = "default", log_every: int = 10):
-        super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every)
+                 resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 17,
+                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1):
+        super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every,
+                         draws_per_system)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"mcgdiff: eta must be in [0, 1], got {eta}")
         if not float(kappa) > 0.0:

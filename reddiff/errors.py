@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class ResolutionMismatchError(UserError):
     pass
+
+
+class SamplerInputError(UserError, ValueError):
+    """A batch a sampler cannot take as given (e.g. items pooled into one particle system whose measurements
+    differ); a ValueError for library callers, one line for ``run.py``."""

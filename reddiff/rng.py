@@ -28,6 +28,13 @@ class BatchRNG:
     def for_images(cls, seed: int, indices: Sequence[int], device="cpu") -> "BatchRNG":
         return cls([int(seed) + int(i) for i in indices], device=device)
 
+    def select(self, indices: Sequence[int]) -> "BatchRNG":
+        """The streams of the items ``indices`` (shared generator objects: drawing from one advances both)."""
+        sub = BatchRNG.__new__(BatchRNG)
+        sub.device, sub.per_item = self.device, self.per_item
+        sub.gens = [self.gens[int(i)] for i in indices] if self.per_item else self.gens
+        return sub
+
     def randn(self, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
         """Standard normal of ``shape`` (batch first)."""
         shape = tuple(shape)

@@ -63,6 +63,7 @@ EXPECTED_AXES = {
                        "sampler.steps": ["10", "20", "50", "100", "200", "500", "1000"]},
     "demo_table1": {"sampler": DEMO_SAMPLERS},
     "demo_sr4": {"sampler": DEMO_SAMPLERS},
+    "demo_inpaint_box": {"sampler": TABLE1_SAMPLERS + ["ddnm", "mcgdiff", "fps_smc"]},
     "demo_nonlinear": {"task": ["phase_retrieval", "hdr"], "sampler": ["reddiff", "dps"]},
     "demo_weighting": {"sampler.weighting": list(WEIGHTINGS)},
     "demo_order": {"sampler.ordering": list(ORDERINGS)},

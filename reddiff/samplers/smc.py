@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import SamplerInputError
 from .base import Sampler, validate_spacing, validate_steps
 
 RESAMPLING = ("multinomial", "systematic")
@@ -44,7 +45,8 @@ class SpectralSMC(Sampler):
     divide_previous: bool = False
 
     def __init__(self, steps: int, particles: int, resampling: str = "multinomial", ess_threshold: float = 1.0,
-                 chunk_elements: int = 2 ** 21, spacing: str = "default", log_every: int = 10):
+                 chunk_elements: int = 2 ** 17, spacing: str = "default", log_every: int = 10,
+                 draws_per_system: int = 1):
         self.steps = validate_steps(self.name, steps)
         if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
             raise ValueError(f"{self.name}: particles must be an integer >= 1, got {particles!r}")
@@ -55,7 +57,11 @@ class SpectralSMC(Sampler):
         if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 0:
             raise ValueError(f"{self.name}: chunk_elements must be an integer >= 0 (0: no chunking), "
                              f"got {chunk_elements!r}")
+        if isinstance(draws_per_system, bool) or not isinstance(draws_per_system, int) or draws_per_system < 0:
+            raise ValueError(f"{self.name}: draws_per_system must be an integer >= 0 (0: all the particles), "
+                             f"got {draws_per_system!r}")
         self.particles = particles
+        self.draws_per_system = draws_per_system
         self.resampling = resampling
         self.ess_threshold = float(ess_threshold)
         self.chunk_elements = chunk_elements
@@ -199,10 +205,34 @@ class SpectralSMC(Sampler):
         return x.transpose(0, 1), logw
 
     def sample(self, y: torch.Tensor, operator, prior, rng, callback: Optional[Callable] = None) -> torch.Tensor:
-        """One particle per item, drawn by its final weights (so the items are independent posterior draws)."""
+        """Posterior draws, one per item.
+
+        ``draws_per_system = 1`` (default, as the official scripts): every item runs its own system and returns one
+        particle drawn by the final weights, so the items are independent draws.  ``draws_per_system = k > 1``:
+        each run of ``k`` consecutive items with the same measurement shares one system of ``particles`` particles
+        and gets ``k`` draws from its weighted particle cloud (systematic resampling; with ``k = particles``,
+        ``draws_per_system = 0``, and uniform final weights, the particles themselves).  The draws are then the SMC estimate of the posterior,
+        dependent through the resampling, at ``particles / k`` network evaluations per draw and step instead of
+        ``particles``.  The systems draw from the generators of their first items.
+        """
+        k, B = self.draws_per_system or self.particles, y.shape[0]
+        if k > 1:
+            if B % k:
+                raise SamplerInputError(f"{self.name}: draws_per_system={k} must divide the batch size {B}")
+            if getattr(operator, "per_image", False):
+                raise SamplerInputError(f"{self.name}: draws_per_system > 1 needs an operator without per-image "
+                                        f"state")
+            groups = y.reshape((B // k, k) + tuple(y.shape[1:]))
+            if not torch.equal(groups, groups[:, :1].expand_as(groups)):
+                raise SamplerInputError(f"{self.name}: the {k} items pooled into one particle system "
+                                        f"(draws_per_system) must share their measurement (1 keeps one system "
+                                        f"per item)")
+            y, rng = groups[:, 0].contiguous(), rng.select(range(0, B, k))
         x, logw = self.run(y, operator, prior, rng, callback)
-        B, N = logw.shape
+        S, N = logw.shape
         cdf = torch.cumsum(torch.softmax(logw, 1), 1)
-        u = rng.rand((B, 1), dtype=torch.float64).to(logw.device) * cdf[:, -1:]
-        idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(N - 1).reshape(-1)
-        return x[torch.arange(B, device=x.device), idx].contiguous()
+        u = rng.rand((S, 1), dtype=torch.float64).to(logw.device)
+        u = (u + torch.arange(k, device=logw.device, dtype=torch.float64)) / k * cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(N - 1)
+        out = x[torch.arange(S, device=x.device)[:, None], idx]          # (S, k, *shape)
+        return out.reshape((B,) + tuple(x.shape[2:])).contiguous()
