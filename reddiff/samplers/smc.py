@@ -211,9 +211,9 @@ class SpectralSMC(Sampler):
         particle drawn by the final weights, so the items are independent draws.  ``draws_per_system = k > 1``:
         each run of ``k`` consecutive items with the same measurement shares one system of ``particles`` particles
         and gets ``k`` draws from its weighted particle cloud (systematic resampling; with ``k = particles``,
-        ``draws_per_system = 0``, and uniform final weights, the particles themselves).  The draws are then the SMC estimate of the posterior,
-        dependent through the resampling, at ``particles / k`` network evaluations per draw and step instead of
-        ``particles``.  The systems draw from the generators of their first items.
+        ``draws_per_system = 0``, and uniform final weights, the particles themselves).  The draws are then the
+        SMC estimate of the posterior, dependent through the resampling, at ``particles / k`` network evaluations
+        per draw and step instead of ``particles``.  The systems draw from the generators of their first items.
         """
         k, B = self.draws_per_system or self.particles, y.shape[0]
         if k > 1:
