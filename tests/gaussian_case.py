@@ -11,16 +11,23 @@ from reddiff.priors.gmm import GaussianMixturePrior
 from reddiff.rng import BatchRNG
 
 
-def gaussian_problem(sigma=0.3, seed=2):
-    """``(prior, operator, y (m,), posterior mean (d,), posterior covariance (d, d))``."""
+def gaussian_draws(sigma=0.3, seed=2):
+    """``(prior covariance (d, d), A (m, d), y (m,))`` of the case: d = 6, m = 3, y = A x + sigma e."""
     g = torch.Generator().manual_seed(seed)
     d, m = 6, 3
     L = torch.randn(d, d, generator=g, dtype=torch.float64)
     cov = L @ L.T / d + 0.2 * torch.eye(d, dtype=torch.float64)
-    prior = GaussianPrior(dim=d, cov=cov)
     A = torch.randn(m, d, generator=g, dtype=torch.float64)
     x = torch.linalg.cholesky(cov) @ torch.randn(d, generator=g, dtype=torch.float64)
     y = A @ x + sigma * torch.randn(m, generator=g, dtype=torch.float64)
+    return cov, A, y
+
+
+def gaussian_problem(sigma=0.3, seed=2):
+    """``(prior, operator, y (m,), posterior mean (d,), posterior covariance (d, d))``."""
+    cov, A, y = gaussian_draws(sigma, seed)
+    d = cov.shape[0]
+    prior = GaussianPrior(dim=d, cov=cov)
     mean, pcov = prior.posterior(A, y[None], sigma)
     return prior, MatrixOperator(A, sigma_y=sigma), y, mean.reshape(-1), pcov.reshape(d, d)
 

@@ -17,18 +17,15 @@ from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
 from reddiff.rng import BatchRNG
 
+from gaussian_case import gaussian_draws  # noqa: E402 - tests/ helper
+
 torch.set_num_threads(1)
 N = 3000
 
 
 def problem(scale: float = 1.0):
-    g = torch.Generator().manual_seed(2)
-    d, m = 6, 3
-    L = torch.randn(d, d, generator=g, dtype=torch.float64)
-    cov = L @ L.T / d + 0.2 * torch.eye(d, dtype=torch.float64)
-    A = torch.randn(m, d, generator=g, dtype=torch.float64)
-    x = torch.linalg.cholesky(cov) @ torch.randn(d, generator=g, dtype=torch.float64)
-    y = A @ x + 0.3 * torch.randn(m, generator=g, dtype=torch.float64)
+    cov, A, y = gaussian_draws()
+    d = cov.shape[0]
     return GaussianPrior(dim=d, cov=cov), GaussianPrior(dim=d, cov=scale * cov), MatrixOperator(A, sigma_y=0.3), A, y
 
 
