@@ -183,3 +183,32 @@ def deviation(reference: Prior, fast: Prior, batch: int = 4, timesteps: Sequence
         worst["max_abs_over_scale"] = max(worst["max_abs_over_scale"], d.abs().max().item() / scale)
         worst["rel_rms"] = max(worst["rel_rms"], (d.norm() / ref.norm().clamp_min(1e-30)).item())
     return worst
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_HEAP_KEPT = False
+
+
+def keep_freed_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Let glibc keep freed blocks of up to 32 MiB in the heap instead of returning each one to the OS.
+
+    CPU loops over large batches (the GMM benchmark: ``(2000, 800)`` float32 tensors, 6.4 MB, a few per step)
+    otherwise pay a fresh ``mmap`` and a page fault per 4 KiB page for every new tensor: measured on one d = 800
+    problem, 1.5-2.3 s of system time out of ~28 s, 0.3-0.4 s with this setting.  Arithmetic is untouched.
+    Idempotent; returns False where the C library has no ``mallopt`` (not glibc)."""
+    global _HEAP_KEPT
+    if _HEAP_KEPT:
+        return True
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = all(mallopt(p, int(v)) == 1 for p, v in ((_M_MMAP_THRESHOLD, mmap_threshold),
+                                                  (_M_TRIM_THRESHOLD, trim_threshold), (_M_TOP_PAD, 64 << 20)))
+    _HEAP_KEPT = ok
+    return ok

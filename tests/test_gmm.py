@@ -428,3 +428,16 @@ def test_benchmark_is_independent_of_workers_and_honours_overrides(tmp_path):
     assert runs["zeta"]["meta"]["hparams"]["dps"]["zeta"] == 5
     assert cell(runs["zeta"])["dps"]["sw_per_problem"] != cell(runs["w1"])["dps"]["sw_per_problem"]
     assert cell(runs["zeta"])["exact"]["sw_per_problem"] == cell(runs["w1"])["exact"]["sw_per_problem"]
+
+
+def test_sorted_projections_equal_torch_sort():
+    """The benchmark sorts projections with numpy (faster on CPU); the values must be torch.sort's exactly."""
+    from benchmarks.gmm_posterior import _sorted_projections
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 7, generator=g)
+    X[5] = X[9]  # ties
+    theta = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    ref = torch.sort(X @ theta.float().T, dim=0).values.double()
+    assert torch.equal(_sorted_projections(X, theta), ref)
+
