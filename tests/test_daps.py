@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from baselines.daps import DAPS, gaussian_conditional, poly_grid, snap, ve_sigmas
+from baselines.daps import DAPS, gaussian_conditional, poly_grid, snap, ula_gaussian, ve_sigmas
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
 from reddiff.rng import BatchRNG
@@ -49,10 +49,12 @@ def test_errors_shrink_with_annealing_levels_exact_inner():
     assert errs[-1][0] < 0.07 and errs[-1][1] < 0.09
 
 
-def test_errors_shrink_with_langevin_steps():
-    """The official inner Langevin chain: more steps -> closer to the exact posterior."""
+@pytest.mark.parametrize("impl", ["loop", "closed_form"])
+def test_errors_shrink_with_langevin_steps(impl):
+    """The official inner Langevin chain (step by step, and as its closed-form law): more steps -> closer to the
+    exact posterior."""
     prior, _, op, A, y = problem()
-    kw = dict(steps=60, lr=0.005, lr_min_ratio=0.3, **TWEEDIE)
+    kw = dict(steps=60, lr=0.005, lr_min_ratio=0.3, langevin_impl=impl, **TWEEDIE)
     errs = [errors(DAPS(langevin_steps=k, **kw), prior, op, A, y) for k in (2, 30)]
     print("daps Langevin (mean, cov) errors at 2/30 inner steps:", errs)
     assert errs[1][0] < errs[0][0] and errs[1][1] < errs[0][1]
@@ -83,6 +85,76 @@ def test_gaussian_conditional_is_exact():
     mu = C @ (m / r2 + prec * A.T @ y)
     assert float((X.mean(0) - mu).abs().max()) < 5 * math.sqrt(float(C.diag().max()) / 20000)
     assert float((torch.cov(X.T) - C).abs().max()) < 0.03 * float(C.diag().max())
+
+
+def ula_case():
+    """An inner-chain target with large steps (lr p up to 1.5) and few of them (5), so the law after the steps is
+    far from both the start and the exact conditional: ``(op, A, y, m, r2, prec, lr, n)``."""
+    _, _, op, A, y = problem()
+    m = torch.linspace(-1, 1, A.shape[1], dtype=torch.float64)
+    r2, prec = 0.5, 4.0
+    lr = 1.5 / (1 / r2 + prec * float(torch.linalg.matrix_norm(A, 2)) ** 2)
+    return op, A, y, m, r2, prec, lr, 5
+
+
+def ula_moments(A, y, m, r2, prec, lr, n):
+    """Mean and covariance after ``n`` steps of ``x <- x + lr grad log pi(x) + sqrt(2 lr) z`` from ``m``, by
+    propagating the moments of the (linear) recursion in dense form."""
+    d = A.shape[1]
+    I = torch.eye(d, dtype=torch.float64)
+    M = I - lr * (I / r2 + prec * A.T @ A)
+    c = lr * (m / r2 + prec * A.T @ y)
+    mean, cov = m.clone(), torch.zeros(d, d, dtype=torch.float64)
+    for _ in range(n):
+        mean, cov = M @ mean + c, M @ cov @ M.T + 2 * lr * I
+    return mean, cov
+
+
+def test_ula_closed_form_has_the_law_of_the_steps():
+    """:func:`ula_gaussian` draws from the law of n Langevin steps (moments propagated exactly), which is neither
+    the start nor the exact conditional (checked: the tolerance separates them)."""
+    op, A, y, m, r2, prec, lr, n = ula_case()
+    B, d = 40000, A.shape[1]
+    X = ula_gaussian(m[None].expand(B, d).contiguous(), r2, prec, lr, n, y[None].expand(B, -1).contiguous(), op,
+                     BatchRNG(5, per_item=False))
+    mean, cov = ula_moments(A, y, m, r2, prec, lr, n)
+    scale = float(cov.diag().max())
+    tol_m, tol_c = 5 * math.sqrt(scale / B), 0.03 * scale
+    assert float((X.mean(0) - mean).abs().max()) < tol_m
+    assert float((torch.cov(X.T) - cov).abs().max()) < tol_c
+    exact_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) / r2 + prec * A.T @ A)
+    m_inf, cov_inf = ula_moments(A, y, m, r2, prec, lr, 400)
+    assert float((cov_inf - exact_cov).abs().max()) > 3 * tol_c      # the step-size bias is visible
+    assert float((m_inf - mean).abs().max()) > 10 * tol_m             # and 5 steps are far from stationary
+
+
+def test_daps_loop_and_closed_form_agree_in_law():
+    """The sampler end to end (three annealing levels, 5 large Langevin steps each): the step-by-step chain and
+    the closed form give the same mean and covariance within Monte Carlo error."""
+    prior, _, op, A, y = problem()
+    B = 20000
+    kw = dict(steps=3, ode_steps=1, ode_sigma_min=0.0, sigma_max=2.0, sigma_min=0.5, langevin_steps=5, lr=0.005,
+              lr_min_ratio=1.0, tau=None)
+    yb = y[None].expand(B, -1).contiguous()
+    X = {impl: DAPS(langevin_impl=impl, **kw).sample(yb, op, prior, BatchRNG(i, per_item=False)).double()
+         for i, impl in enumerate(("loop", "closed_form"))}
+    c_loop = torch.cov(X["loop"].T)
+    scale = float(c_loop.diag().max())
+    assert float((X["loop"].mean(0) - X["closed_form"].mean(0)).abs().max()) < 5 * math.sqrt(2 * scale / B)
+    assert float((torch.cov(X["closed_form"].T) - c_loop).abs().max()) < 0.04 * scale
+
+
+def test_langevin_impl_choice():
+    _, _, op, _, _ = problem()
+    assert DAPS().closed_form(op) and not DAPS(langevin_impl="loop").closed_form(op)
+    assert not DAPS(mcmc="exact").closed_form(op)
+    from reddiff import registry
+    phase = registry.build_operator("phase_retrieval")
+    assert not DAPS().closed_form(phase)
+    with pytest.raises(Exception, match="svd"):
+        DAPS(langevin_impl="closed_form").check(phase)
+    with pytest.raises(ValueError, match="langevin_impl"):
+        DAPS(langevin_impl="fast")
 
 
 def test_schedule_snapping_and_nfe():
