@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     res = run(cells, particles, _ints(a.problems), a.samplers.split(","), [b for b in a.baselines.split(",") if b])
     summ = summarise(res)
-    meta = {"command": "python -m benchmarks.particle_curve " + " ".join(argv if argv is not None else sys.argv[1:]),
+    # every argument with the value it ran with (defaults included), so the command reruns the same curve
+    resolved = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items())
+    meta = {"command": f"python -m benchmarks.particle_curve {resolved}",
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": time.time() - t0}
     with open(a.out + ".json", "w") as f:
         json.dump({"meta": meta, "summary": summ, "per_problem": res}, f, indent=1)
