@@ -21,9 +21,8 @@ with the level the network was evaluated at.  For the annealing levels ``sigma_0
    operators, autograd through ``forward`` otherwise): nonlinear operators work, and no network gradient.
    For an SVD operator the target is Gaussian and the chain linear, so by default (``langevin_impl="auto"``) the
    ``langevin_steps`` steps are replaced by one draw from their exact joint law (:func:`ula_gaussian`): the same
-   distribution of ``x0_y`` as the loop, for one noise draw per level instead of 100 (the loop made DAPS 2.6-2.9x
-   slower on the 100-NFE demo rows, 50 steps per network call; results/speed.md); ``langevin_impl="loop"`` runs the
-   official step-by-step chain.
+   distribution of ``x0_y`` as the loop, for one noise draw per level instead of 100 (on the 100-NFE demo rows
+   the loop took most of the time); ``langevin_impl="loop"`` runs the official step-by-step chain.
 3. Re-noise: ``x_{k+1} = x0_y + sigma_{k+1} n`` (``sigma_N = 0``: the last ``x0_y`` is returned).
 
 ``tau`` keeps the official convention (likelihood ``exp(-||.||^2 / tau^2)``, i.e. noise std ``tau / sqrt(2)``);

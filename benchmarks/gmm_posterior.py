@@ -89,8 +89,8 @@ def random_directions(n: int, d: int, generator: torch.Generator) -> torch.Tenso
 
 def _sorted_projections(X: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Sorted projections ``(n, n_dir)`` (float32 matmul, float64 result).  Sorted by numpy: the same values as
-    ``torch.sort`` (a sort has one answer), about 6x faster on the CPU for ``(2000, 1000)`` (20 vs 120 ms), which
-    was ~15% of the whole benchmark (13 sorts per problem, at every d)."""
+    ``torch.sort`` (a sort has one answer), several times faster on the CPU for this shape, and the 13 sorts per
+    problem are a large part of the run at small d (results/gmm_posterior.md)."""
     P = (X.detach().to(torch.float32) @ theta.to(X.device, torch.float32).T).cpu()
     return torch.from_numpy(np.sort(P.numpy(), axis=0)).to(torch.float64)
 

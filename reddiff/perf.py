@@ -194,9 +194,9 @@ def keep_freed_heap(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 3
     """Let glibc keep freed blocks of up to 32 MiB in the heap instead of returning each one to the OS.
 
     CPU loops over large batches (the GMM benchmark: ``(2000, 800)`` float32 tensors, 6.4 MB, a few per step)
-    otherwise pay a fresh ``mmap`` and a page fault per 4 KiB page for every new tensor: measured on one d = 800
-    problem, 1.5-2.3 s of system time out of ~28 s, 0.3-0.4 s with this setting.  Arithmetic is untouched.
-    Idempotent; returns False where the C library has no ``mallopt`` (not glibc)."""
+    otherwise pay a fresh ``mmap`` and a page fault per 4 KiB page for every new tensor (system time measured in
+    results/gmm_posterior.md).  Arithmetic is untouched.  Idempotent; returns False where the C library has no
+    ``mallopt`` (not glibc)."""
     global _HEAP_KEPT
     if _HEAP_KEPT:
         return True
