@@ -2,12 +2,13 @@
 tuned presets.
 
     python -m reddiff.make_tune [--prior embedded] [--tasks inpaint_freeform[,sr4]] [--trials 10] [--images 2]
-                                [--steps N] [--samplers reddiff,dps,...]
+                                [--steps N | --steps-from PRESET] [--samplers reddiff,dps,...]
 
 For each task and each sampler able to run it, one ``python run.py -m +tune=<sampler> task=<task>
 sampler.steps=<S>`` (Hydra's Optuna sweeper, :mod:`reddiff.tune`) in ``multirun/tune/<prior>/<task>_s<S>/<sampler>``;
 ``S`` is the sampler's own step count for the task (its YAML: 100 for RED-diff, DPS, Pi-GDM; 20 for DDRM, the
-counts of the demo tables) unless ``--steps`` sets one for all.  Then:
+counts of the demo tables) unless ``--steps`` sets one for all or ``--steps-from PRESET`` takes each sampler's
+count from an experiment preset (``make tune``: ``demo_table1``, whose counts ``demo_sr4`` shares).  Then:
 
 * ``results/tune/<prior>/<task>_s<S>/<sampler>/``: copies of Hydra's ``optimization_results.yaml`` and the
   sweep's ``table.md`` (every trial);
@@ -44,6 +45,18 @@ def default_steps(sampler: str, task: str) -> int:
     from .registry import sampler_config
 
     return int(sampler_config(sampler, task)["steps"])
+
+
+def preset_steps(preset: str, sampler: str, task: str) -> int:
+    """The step count the experiment preset ``conf/experiment/<preset>.yaml`` runs ``sampler`` with: its
+    ``task.hparams.<sampler>.steps`` where set, else the sampler's own count for ``task``.  Tuned settings are keyed
+    by step count, so tuning at these counts is what makes them apply to that preset's rows."""
+    path = ROOT / "conf" / "experiment" / f"{preset}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no experiment preset {preset!r} (conf/experiment/{preset}.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    hp = ((raw.get("task") or {}).get("hparams") or {}).get(sampler) or {}
+    return int(hp["steps"]) if "steps" in hp else default_steps(sampler, task)
 
 
 def tune_one(prior: str, task: str, sampler: str, steps: int, trials: int, images: int, log) -> dict:
@@ -118,8 +131,16 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=N_TRIALS)
     p.add_argument("--images", type=int, default=N_IMAGES)
     p.add_argument("--steps", type=int, default=None, help="one step count for every sampler (default: its own)")
+    p.add_argument("--steps-from", default=None, metavar="PRESET",
+                   help="each sampler's step count in conf/experiment/PRESET.yaml (its own where the preset sets none)")
     p.add_argument("--samplers", default="all", help="comma list, or 'all' (every sampler with a tune_space)")
     a = p.parse_args(argv)
+    if a.steps is not None and a.steps_from is not None:
+        print("error: give --steps or --steps-from, not both", file=sys.stderr)
+        return 2
+    if a.steps_from is not None and not (ROOT / "conf" / "experiment" / f"{a.steps_from}.yaml").is_file():
+        print(f"error: --steps-from: no experiment preset {a.steps_from!r} in conf/experiment/", file=sys.stderr)
+        return 2
     spaces = tunable()
     names = sorted(spaces) if a.samplers == "all" else a.samplers.split(",")
     unknown = [n for n in names if n not in spaces]
@@ -134,7 +155,7 @@ def main(argv=None) -> int:
             if not can_run(name, task):
                 print(f"[make_tune] {name} cannot run {task}: skipped", flush=True)
                 continue
-            steps = a.steps or default_steps(name, task)
+            steps = a.steps or (preset_steps(a.steps_from, name, task) if a.steps_from else default_steps(name, task))
             res = tune_one(a.prior, task, name, steps, a.trials, a.images, lambda s: print(s, flush=True))
             # written after every sampler, so an interrupted run keeps what it finished
             print(f"[make_tune] wrote {write_task_file(a.prior, task, steps, {name: res}, meta)}", flush=True)

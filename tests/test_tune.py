@@ -145,3 +145,27 @@ def test_run_py_tune_writes_optimization_results_with_the_best_trial(tmp_path):
     assert best["best_value"] == pytest.approx(max(psnr), abs=1e-5)
     assert best["best_params"]["sampler.zeta"] == pytest.approx(trials[i]["config"]["sampler"]["zeta"])
     assert 0.01 <= best["best_params"]["sampler.zeta"] <= 30.0
+
+
+def test_make_tune_steps_from_a_preset_match_the_committed_tuned_files():
+    """``make tune`` tunes at the demo presets' step counts (``--steps-from demo_table1``; demo_sr4 gives every
+    sampler the same counts), and every committed tuned file sits at exactly those counts, so the tuned values
+    apply to the demo rows and ``make tune`` regenerates what is committed."""
+    from reddiff.make_tune import can_run, preset_steps
+
+    assert preset_steps("demo_table1", "mcgdiff", "inpaint_freeform") == 25
+    assert preset_steps("demo_table1", "ddrm", "inpaint_freeform") == 20
+    assert preset_steps("demo_table1", "diffpir", "inpaint_freeform") == 20   # not in the preset: the task's own
+    assert preset_steps("demo_table1", "diffpir", "sr4") == 100
+    for name in tunable():
+        for task in ("inpaint_freeform", "sr4"):
+            assert preset_steps("demo_table1", name, task) == preset_steps("demo_sr4", name, task)
+    with pytest.raises(FileNotFoundError, match="no experiment preset"):
+        preset_steps("no_such_preset", "ddnm", "sr4")
+    for f in (ROOT / "conf" / "tuned" / "embedded").glob("*.yaml"):
+        task, steps = f.stem.rsplit("_s", 1)
+        for sampler in yaml.safe_load(f.read_text()) or {}:
+            assert can_run(sampler, task) and preset_steps("demo_table1", sampler, task) == int(steps), (f.name, sampler)
+    r = subprocess.run([sys.executable, "-m", "reddiff.make_tune", "--steps", "5", "--steps-from", "demo_table1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "not both" in r.stderr
