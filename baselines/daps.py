@@ -291,7 +291,8 @@ class DAPS(Sampler):
         inv_tau2 = 1.0 / tau.square()
         lr0 = self._coef(self.lr, B, like, "lr")
         last = len(plan) - 1
-        loop_steps = 0 if self.mcmc == "exact" or self.closed_form(operator) else self.langevin_steps
+        closed = self.closed_form(operator)
+        loop_steps = self.langevin_steps if self.mcmc == "langevin" and not closed else 0
         with torch.no_grad():
             x = plan[0][1] * rng.randn(shape, dtype=y.dtype).to(y.device)
             for k, (t, s_k, pts, s_next) in enumerate(plan):
@@ -301,7 +302,7 @@ class DAPS(Sampler):
                 z = x0_hat
                 if self.mcmc == "exact":
                     z = gaussian_conditional(x0_hat, s_k ** 2, 2.0 * inv_tau2, y, operator, rng)
-                elif loop_steps == 0 and self.langevin_steps > 0:
+                elif closed and self.langevin_steps > 0:
                     z = ula_gaussian(x0_hat, s_k ** 2, 2.0 * inv_tau2, lr, self.langevin_steps, y, operator, rng)
                 for _ in range(loop_steps):
                     score = (x0_hat - z) / s_k ** 2 - data_grad(z, y, operator) * inv_tau2

@@ -47,14 +47,18 @@ def default_steps(sampler: str, task: str) -> int:
     return int(sampler_config(sampler, task)["steps"])
 
 
+def _preset_path(preset: str) -> Path:
+    path = ROOT / "conf" / "experiment" / f"{preset}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no experiment preset {preset!r} (conf/experiment/{preset}.yaml)")
+    return path
+
+
 def preset_steps(preset: str, sampler: str, task: str) -> int:
     """The step count the experiment preset ``conf/experiment/<preset>.yaml`` runs ``sampler`` with: its
     ``task.hparams.<sampler>.steps`` where set, else the sampler's own count for ``task``.  Tuned settings are keyed
     by step count, so tuning at these counts is what makes them apply to that preset's rows."""
-    path = ROOT / "conf" / "experiment" / f"{preset}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no experiment preset {preset!r} (conf/experiment/{preset}.yaml)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = yaml.safe_load(_preset_path(preset).read_text()) or {}
     hp = ((raw.get("task") or {}).get("hparams") or {}).get(sampler) or {}
     return int(hp["steps"]) if "steps" in hp else default_steps(sampler, task)
 
@@ -138,9 +142,12 @@ def main(argv=None) -> int:
     if a.steps is not None and a.steps_from is not None:
         print("error: give --steps or --steps-from, not both", file=sys.stderr)
         return 2
-    if a.steps_from is not None and not (ROOT / "conf" / "experiment" / f"{a.steps_from}.yaml").is_file():
-        print(f"error: --steps-from: no experiment preset {a.steps_from!r} in conf/experiment/", file=sys.stderr)
-        return 2
+    if a.steps_from is not None:
+        try:
+            _preset_path(a.steps_from)
+        except FileNotFoundError as e:
+            print(f"error: --steps-from: {e}", file=sys.stderr)
+            return 2
     spaces = tunable()
     names = sorted(spaces) if a.samplers == "all" else a.samplers.split(",")
     unknown = [n for n in names if n not in spaces]
