@@ -50,10 +50,10 @@ results: setup  ## rerun every committed demo sweep on the embedded prior into r
 	for p in $(DEMO_PRESETS); do rm -rf results/$$p; WANDB_SILENT=true $(PY) run.py -m +experiment=$$p progress=false hydra.sweep.dir=results/$$p || exit 1; done
 
 tune: setup  ## equal-budget Optuna tuning of every sampler with a tune_space, at the demo tables' step counts -> conf/tuned/embedded*, results/tune/ (CPU, ~16 min)
-	WANDB_SILENT=true $(PY) -m reddiff.make_tune --prior embedded --tasks inpaint_freeform,sr4 --steps-from demo_table1
+	WANDB_SILENT=true $(PY) -m reddiff.tune.make --prior embedded --tasks inpaint_freeform,sr4 --steps-from demo_table1
 
 claims: setup  ## results/claims.md from the committed results (runs nothing)
-	$(PY) -m reddiff.claims
+	$(PY) -m reddiff.report.claims
 
 clean-venv:
 	rm -rf $(VENV)

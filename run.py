@@ -5,7 +5,7 @@ outputs into the Hydra job dir.
     python run.py -m task=sr4,inpaint_box sampler=reddiff,dps,pigdm,ddrm
     python run.py -m +experiment=demo_table1
 """
-from reddiff.entry import main
+from reddiff.run.entry import main
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """Packaging beyond pyproject.toml: ``conf/`` ships as the package ``reddiff.conf`` (package data), so an
-installed ``reddiff-run`` composes the same configs as ``python run.py`` in a clone (reddiff/entry.py)."""
+installed ``reddiff-run`` composes the same configs as ``python run.py`` in a clone (reddiff/run/entry.py)."""
 from setuptools import find_packages, setup
 
 setup(

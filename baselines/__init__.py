@@ -2,6 +2,8 @@
 
 Each is one file with one class, ``Class(**hyperparameters).sample(y, operator, prior, rng, callback=None)``
 (the protocol of :mod:`reddiff.samplers.base`).
+
+May import: reddiff.core, reddiff.operators, reddiff.samplers
 """
 from .ddim import DDIM
 from .ddrm import DDRM

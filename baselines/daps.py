@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reddiff.errors import UserError
+from reddiff.core.errors import UserError
 from reddiff.operators.base import SVDOperator
 from reddiff.samplers.base import Sampler, bcast, validate_steps
 

@@ -78,7 +78,7 @@ class DDNM(Sampler):
     #   --dims 8,80 --dims-y 1,4 --problems 3 --samples 500 -> eta 1.0 (score 0.516; 0.85: 0.579, 0: 0.745)
     gmm_hparams = {"eta": 1.0}
     gmm_tune_grid = {"eta": [0.0, 0.5, 0.85, 1.0]}
-    tune_space = {"eta": "interval(0.0, 1.0)"}  # reddiff.tune (unverified: the whole range, official 0.85 inside)
+    tune_space = {"eta": "interval(0.0, 1.0)"}  # reddiff.tune.sweeper (unverified: the whole range, official 0.85 inside)
     # DDNM+ is not exact for a Gaussian prior with noisy y; the noiseless case is checked in tests/test_ddnm.py
 
     def __init__(self, steps: int = 100, eta: float = 0.85, travel_length: int = 1, travel_repeat: int = 1,

@@ -47,7 +47,7 @@ class DDRM(Sampler):
     requires = ("svd",)
     gmm_hparams = {"eta": 1.0, "eta_b": 1.0}                    # GMM tuning seed (results/gmm_posterior.md)
     gmm_tune_grid = {"eta": [0.5, 0.85, 1.0], "eta_b": [0.5, 1.0]}
-    # tuning space (reddiff.tune; unverified: the whole [0, 1] range of both, official 0.85 / 1.0 inside)
+    # tuning space (reddiff.tune.sweeper; unverified: the whole [0, 1] range of both, official 0.85 / 1.0 inside)
     tune_space = {"eta": "interval(0.0, 1.0)", "eta_b": "interval(0.0, 1.0)"}
 
     def __init__(self, steps: int = 20, eta: float = 0.85, eta_b: float = 1.0, log_every: int = 10,

@@ -80,7 +80,7 @@ class DiffPIR(Sampler):
     #   --dims 8,80 --dims-y 1,4 --problems 3 --samples 500 -> lam 1, zeta 1 (score 0.523; lam 0.25/4: 0.540/0.541)
     gmm_hparams = {"lam": 1.0, "zeta": 1.0, "clip_x0": False}
     gmm_tune_grid = {"lam": [0.25, 1.0, 4.0, 16.0], "zeta": [0.3, 0.6, 1.0]}
-    # reddiff.tune (unverified: our ranges around the official lambda 1 and zeta 0.1)
+    # reddiff.tune.sweeper (unverified: our ranges around the official lambda 1 and zeta 0.1)
     tune_space = {"lam": "tag(log, interval(0.1, 30.0))", "zeta": "interval(0.0, 1.0)"}
     test_overrides = {"clip_x0": False}
 

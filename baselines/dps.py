@@ -50,7 +50,7 @@ class DPS(DDIMFamily):
     per_item = ("zeta",)
     gmm_hparams = {"zeta": 0.3, "eta": 1.0}                     # tuned on the GMM tuning seed (results/gmm_posterior.md)
     gmm_tune_grid = {"zeta": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]}
-    # tuning space (reddiff.tune; unverified: our range, 10x below / 30x above the official 0.1 and 1.0)
+    # tuning space (reddiff.tune.sweeper; unverified: our range, 10x below / 30x above the official 0.1 and 1.0)
     tune_space = {"zeta": "tag(log, interval(0.01, 30.0))"}
 
     def __init__(self, steps: int = 100, zeta=1.0, eta: float = 1.0, clip_x0: bool = False, log_every: int = 10,

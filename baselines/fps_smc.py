@@ -57,7 +57,7 @@ class FPSSMC(SpectralSMC):
     gmm_hparams = {"particles": 200, "draws_per_system": 0, "steps": 100, "c_rate": 0.2, "resampling": "systematic"}
     gmm_tune_grid = {"particles": [50, 200, 1000], "draws_per_system": [0], "steps": [100],
                      "c_rate": [0.05, 0.2, 0.5, 0.8, 0.95], "resampling": ["systematic"]}
-    tune_space = {"c_rate": "interval(0.5, 1.0)"}  # reddiff.tune (unverified: around the official 0.95)
+    tune_space = {"c_rate": "interval(0.5, 1.0)"}  # reddiff.tune.sweeper (unverified: around the official 0.95)
     exact_gaussian = {"overrides": {"steps": 50, "particles": 16, "c_rate": 0.05}, "mean_tol": 0.45, "cov_tol": 0.3}
 
     def __init__(self, steps: int = 100, particles: int = 5, c_rate: float = 0.95, min_noise_std: float = 1e-3,

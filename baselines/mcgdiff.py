@@ -64,7 +64,7 @@ class MCGDiff(SpectralSMC):
                    "resampling": "systematic", "kappa": 1e-8}
     gmm_tune_grid = {"particles": [250, 500, 1000, 2000], "draws_per_system": [0], "steps": [50, 100],
                      "ess_threshold": [1.0, 0.5], "resampling": ["systematic"]}
-    tune_space = {"eta": "interval(0.0, 1.0)"}  # reddiff.tune (unverified: the DDIM range, official 1.0 inside)
+    tune_space = {"eta": "interval(0.0, 1.0)"}  # reddiff.tune.sweeper (unverified: the DDIM range, official 1.0 inside)
     exact_gaussian = {"overrides": {"steps": 50, "particles": 16}, "mean_tol": 0.45, "cov_tol": 0.3}
 
     def __init__(self, steps: int = 100, particles: int = 16, eta: float = 1.0, kappa: float = 1e-4,

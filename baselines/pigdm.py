@@ -72,7 +72,7 @@ class PiGDM(DDIMFamily):
     per_item = ("guidance_weight",)
     gmm_hparams = {"guidance_weight": 0.25, "eta": 1.0, "form": "score"}   # GMM tuning seed (results/gmm_posterior.md)
     gmm_tune_grid = {"guidance_weight": [0.1, 0.25, 0.5, 1.0], "eta": [0.5, 1.0]}
-    # tuning space (reddiff.tune; unverified: our range, 10x either side of the official weight 1.0)
+    # tuning space (reddiff.tune.sweeper; unverified: our range, 10x either side of the official weight 1.0)
     tune_space = {"guidance_weight": "tag(log, interval(0.1, 10.0))"}
     # exact for a standard-normal prior (r_t^2 = 1 - a_t is then Cov[x0 | x_t]); discretisation error at 200 steps
     exact_gaussian = {"overrides": {"steps": 200, "form": "score", "eta": 1.0}, "prior": "standard",

@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    from reddiff.experiment import run
-    from reddiff.results import read_rows
+    from reddiff.run.experiment import run
+    from reddiff.store.results import read_rows
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=100)

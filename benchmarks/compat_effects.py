@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from reddiff.diffusion import Schedule, timesteps
+from reddiff.core.diffusion import Schedule, timesteps
 from reddiff.metrics.suite import png_roundtrip, psnr
 from reddiff.operators.inpainting import Colorization
 from reddiff.operators.separable import SeparableBlur
@@ -85,7 +85,7 @@ def sampler_rows() -> list[tuple[str, str]]:
     from omegaconf import OmegaConf
 
     from reddiff.registry import build_sampler
-    from reddiff.rng import BatchRNG
+    from reddiff.core.rng import BatchRNG
 
     prior = instantiate(OmegaConf.load("conf/prior/embedded.yaml"), device="cpu")
     x = demo_images(4).float()

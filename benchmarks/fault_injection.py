@@ -62,7 +62,7 @@ def _rows(d: Path) -> int:
 
 def snapshot(root: Path) -> dict[str, object]:
     """Every result file under ``root``: rows (by job and image id, without seconds) and PNG bytes."""
-    from reddiff.results import read_rows
+    from reddiff.store.results import read_rows
 
     out: dict[str, object] = {}
     for csv in sorted(root.rglob("metrics.csv")):

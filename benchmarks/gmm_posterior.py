@@ -19,7 +19,7 @@ SW convention: ``SW_1 = mean over directions of W_1`` of the projected empirical
 with ``sw_ci95 = 1.96 std / sqrt(problems)`` and ``seconds`` the mean wall time per problem (one batch of
 ``samples``).
 
-Schedule: the DDPM linear schedule of the image priors (beta 1e-4 -> 0.02, T = 1000, :class:`reddiff.diffusion.Schedule`);
+Schedule: the DDPM linear schedule of the image priors (beta 1e-4 -> 0.02, T = 1000, :class:`reddiff.core.diffusion.Schedule`);
 the MCGdiff script instead builds ``alphas_cumprod`` from a reversed, decreasing beta sequence
 (``linspace(0.02, 1e-4, 999)`` preceded by 1).
 
@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 from reddiff import registry
-from reddiff.diffusion import Schedule
+from reddiff.core.diffusion import Schedule
 from reddiff.operators.matrix import MatrixOperator
-from reddiff.perf import keep_freed_heap
+from reddiff.priors.perf import keep_freed_heap
 from reddiff.priors.gmm import GaussianMixturePrior, GMMProblem, mcgdiff_problem
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 REFERENCES = ("exact", "prior")
 TUNE_SEED = 1_000_003

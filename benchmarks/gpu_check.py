@@ -11,7 +11,7 @@ with "not measured" once the global deadline (``--budget-s``, counted from proce
 network call checks the deadline, so the script stops itself within one call of it:
 
 1. **time per step** for every sampler of the registry (:func:`reddiff.registry.sampler_names`) at each
-   ``--batches`` (1 and 8) and each ``--dtypes`` (fp32; bf16 = autocast through :func:`reddiff.perf.apply_fast_paths`,
+   ``--batches`` (1 and 8) and each ``--dtypes`` (fp32; bf16 = autocast through :func:`reddiff.priors.perf.apply_fast_paths`,
    weights stay fp32): a warm-up run (2 steps), then the median of ``--repeats`` runs of ``--steps`` steps (fewer,
    ``capped`` in the JSON, when the warm-up says a run would take more than ``--measure-cap-s``).
    ``s_per_step_per_image`` = wall / (steps x batch) (the paper's s/step; RED-diff, DPS, Pi-GDM and DDRM make one
@@ -216,7 +216,7 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
     and, when ``prior.oom_above`` is set (dry run), raises a simulated OOM for larger batches."""
     import torch
 
-    from reddiff.perf import apply_fast_paths
+    from reddiff.priors.perf import apply_fast_paths
     from reddiff.priors.adm import UNet
     from reddiff.priors.base import Prior
 
@@ -303,7 +303,7 @@ class Bench:
     def problem(self, prior, batch: int):
         import torch
 
-        from reddiff.rng import BatchRNG
+        from reddiff.core.rng import BatchRNG
 
         g = torch.Generator().manual_seed(batch)
         x = (torch.rand((batch,) + tuple(prior.shape), generator=g) * 2 - 1).to(self.device)
@@ -314,7 +314,7 @@ class Bench:
     def run(self, name, meta, prior, y, idx, steps):
         import torch
 
-        from reddiff.rng import BatchRNG
+        from reddiff.core.rng import BatchRNG
 
         sampler = build_sampler(name, steps, meta)
         prior.reset_nfe()
@@ -529,7 +529,7 @@ def measure(a, command: str) -> dict:
     device = torch.device("cpu" if a.dry_run else a.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from reddiff.errors import UserError
+            from reddiff.core.errors import UserError
 
             raise UserError("gpu_check: no CUDA device is available (use --dry-run on a CPU machine)")
         # an explicit index: set_per_process_memory_fraction refuses a bare "cuda"
@@ -737,7 +737,7 @@ def main(argv=None) -> dict:
     try:
         res = measure(a, command)
     except Exception as e:  # noqa: BLE001 - UserError: one line, exit 2
-        from reddiff.errors import UserError
+        from reddiff.core.errors import UserError
 
         if isinstance(e, UserError):
             print(f"error: {e}", file=sys.stderr)

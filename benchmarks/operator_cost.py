@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from reddiff.registry import build_operator, task_info, task_names
-from reddiff.weights import MissingWeightsError
+from reddiff.core.weights import MissingWeightsError
 
 LIMIT = 0.02  # operators must cost < 2% of one ADM forward
 

@@ -19,7 +19,7 @@ if they are missing or the prior is not 64x64), each sampler's default step coun
 * one per batch for a bare ``no_grad`` forward loop and one for a bare forward+backward loop (``--loop-calls``
   calls on the same inputs, same imports): the peak-RSS references.
 * one for the batched sweep: K = 4 RED-diff configurations (lambda x lr) of one image as one batch of 4
-  (:func:`reddiff.sweep.batched_sweep`) against 4 separate runs (:func:`reddiff.sweep.separate_runs`),
+  (:func:`reddiff.run.sweep.batched_sweep`) against 4 separate runs (:func:`reddiff.run.sweep.separate_runs`),
   ``--sweep-steps`` steps, median of ``--sweep-repeats`` alternating runs.
 
 Reported per sampler (JSON, one entry per sampler name; the contracted keys first):
@@ -119,7 +119,7 @@ def load_prior(spec: dict):
     """The prior of ``spec['prior']`` on ``spec['device']`` with the requested fast paths."""
     import torch
 
-    from reddiff.perf import apply_fast_paths
+    from reddiff.priors.perf import apply_fast_paths
 
     device = spec["device"]
     name = spec["prior"]
@@ -259,7 +259,7 @@ def _problem(spec: dict, batch: int):
     import torch
 
     from reddiff.registry import build_operator
-    from reddiff.rng import BatchRNG
+    from reddiff.core.rng import BatchRNG
 
     prior = load_prior(spec)
     device = torch.device(spec["device"])
@@ -319,7 +319,7 @@ class StepClock:
 def worker_sampler(spec: dict) -> dict:
     import torch
 
-    from reddiff.rng import BatchRNG
+    from reddiff.core.rng import BatchRNG
 
     name, batch = spec["sampler"], spec["batch"]
     steps = spec["steps"][name]
@@ -394,7 +394,7 @@ def worker_sweep(spec: dict) -> dict:
     import torch
 
     from reddiff.samplers.reddiff import REDDiff
-    from reddiff.sweep import batched_sweep, separate_runs
+    from reddiff.run.sweep import batched_sweep, separate_runs
 
     K = len(SWEEP_CONFIGS)
     prior, op, x, y, indices, source = _problem(spec, 1)
@@ -625,7 +625,7 @@ def markdown(res: dict) -> str:
         L.append("")
     sw = res.get("sweep")
     if sw:
-        L += ["## Batched hyperparameter sweep (reddiff.sweep)", ""]
+        L += ["## Batched hyperparameter sweep (reddiff.run.sweep)", ""]
         if "ratio" in sw:
             K = sw["K"]
             L += [f"K = {K} RED-diff configurations (lambda x lr: "

@@ -7,6 +7,8 @@
 
 ``status`` never touches the network: it looks at the cache paths, and checks the sha256 pin of files
 that are present.
+
+May import: reddiff.core
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def _is_data(spec) -> bool:
 
 
 def _status(data_only: bool, as_json: bool) -> int:
-    from .weights import REGISTRY, status_rows
+    from reddiff.core.weights import REGISTRY, status_rows
 
     rows = [r for r in status_rows() if _is_data(REGISTRY[r["name"]]) == data_only or not data_only]
     if as_json:
@@ -39,7 +41,7 @@ def _status(data_only: bool, as_json: bool) -> int:
 
 
 def _fetch(name: str, dest: Optional[str], data_only: bool) -> int:
-    from .weights import REGISTRY, HashMismatchError, fetch
+    from reddiff.core.weights import REGISTRY, HashMismatchError, fetch
 
     if name not in REGISTRY:
         print(f"unknown name {name!r}; known: {', '.join(sorted(REGISTRY))}", file=sys.stderr)

@@ -4,6 +4,8 @@ the classes (``Sampler.requires``/``needs_grad``, ``Operator.linear``, :class:`S
 adding a sampler or a task is one Python file plus one YAML and nothing else lists it.
 
     python -m reddiff.registry [--json]
+
+May import: reddiff.core, reddiff.data, reddiff.operators, reddiff.priors, reddiff.samplers, reddiff.metrics
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def sampler_info(name: str) -> dict:
 
 
 def task_info(name: str) -> dict:
-    from .operators.base import LinearOperator, SVDOperator
+    from reddiff.operators.base import LinearOperator, SVDOperator
 
     cls = operator_class(name)
     return {"name": name, "operator": f"{cls.__module__}.{cls.__qualname__}",

@@ -8,7 +8,7 @@ from reddiff import registry
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
 from reddiff.priors.gmm import GaussianMixturePrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 
 def gaussian_draws(sigma=0.3, seed=2):

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from reddiff.checkpoint import load_state_dict
+from reddiff.core.checkpoint import load_state_dict
 from reddiff.priors.adm import (ADM_IMAGENET_256_COND, ADM_IMAGENET_256_UNCOND, DPS_FFHQ_256, AttentionBlock, UNet,
                                 UNetConfig)
-from reddiff.train_prior import EMBEDDED_CONFIG, export
+from reddiff.priors.training.train import EMBEDDED_CONFIG, export
 
 TINY = UNetConfig(image_size=16, model_channels=32, out_channels=3, num_res_blocks=1, attention_resolutions=(8,),
                   channel_mult=(1, 2), num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True)

@@ -1,11 +1,11 @@
-"""reddiff.claims: the generated claims table and its verdict rule, on synthetic job dirs."""
+"""reddiff.report.claims: the generated claims table and its verdict rule, on synthetic job dirs."""
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from reddiff import claims as C
+from reddiff.report import claims as C
 from reddiff.data.make_demo import DEMO_IDS
 
 VERDICTS = ("holds", "does not hold", "inconclusive")

@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 
 from baselines.ddrm import DDRM
 from baselines.dps import DPS
-from reddiff.diffusion import timesteps
+from reddiff.core.diffusion import timesteps
 from reddiff.metrics.suite import MetricSuite, png_roundtrip, psnr
 from reddiff.operators.inpainting import Colorization
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.operators.separable import SeparableBlur, ddrm_rank
 from reddiff.priors.gaussian import GaussianPrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 from reddiff.samplers.reddiff import WEIGHTINGS, REDDiff
 
 torch.set_num_threads(1)

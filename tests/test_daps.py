@@ -15,7 +15,7 @@ import torch
 from baselines.daps import DAPS, gaussian_conditional, poly_grid, snap, ula_gaussian, ve_sigmas
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 from gaussian_case import gaussian_draws  # noqa: E402 - tests/ helper
 

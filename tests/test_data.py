@@ -12,8 +12,8 @@ from PIL import Image
 from reddiff.data import CorruptImageError, DataRootError, DemoDataset, Entry, FFHQ1k, FolderDataset, ImageNet1k
 from reddiff.data.base import center_crop_arr
 from reddiff.data.make_demo import DEMO_DIR, DEMO_IDS, make_all
-from reddiff.errors import UserError
-from reddiff.weights import REGISTRY
+from reddiff.core.errors import UserError
+from reddiff.core.weights import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from baselines.ddnm import DDNM, travel_schedule
 from reddiff.registry import build_operator
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from baselines.diffpir import DiffPIR, quad_timesteps
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
 from reddiff.registry import build_operator
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 torch.set_num_threads(1)
 

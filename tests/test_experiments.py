@@ -32,15 +32,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from reddiff.diffusion import ORDERINGS, Schedule
-from reddiff.results import read_rows
+from reddiff.core.diffusion import ORDERINGS, Schedule
+from reddiff.store.results import read_rows
 from reddiff.samplers.reddiff import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 #: presets owned elsewhere (tested by their owners)
-OTHERS = {"demo_lambda_lr_batched", "demo_lambda_lr_small"}  # python -m reddiff.sweep presets
+OTHERS = {"demo_lambda_lr_batched", "demo_lambda_lr_small"}  # python -m reddiff.run.sweep presets
 OURS = [p for p in PRESETS if p not in OTHERS]
 GPU = [p for p in OURS if not p.startswith("demo_")]
 DEMO = [p for p in OURS if p.startswith("demo_")]
@@ -115,7 +115,7 @@ def _job_settings(name: str, job: tuple) -> dict:
 def nfe(sampler) -> int:
     """Network evaluations per image of a built sampler, as it declares them (inner ODE steps and particles count;
     pinv: none)."""
-    from reddiff.diffusion import Schedule
+    from reddiff.core.diffusion import Schedule
 
     class _Sched:  # expected_nfe only needs the schedule
         schedule = Schedule()
@@ -134,7 +134,7 @@ def test_preset_composes_with_its_axes_group_and_sweep_dir(hydra_ctx, name):
     assert cfg.experiment_name == name
     assert OmegaConf.select(cfg, "logger.group") == name or cfg.hydra.runtime.choices.logger == "none"
     assert name in cfg.hydra.sweep.dir
-    assert "reddiff.sweep_callback.SweepTableCallback" in str(cfg.hydra.callbacks)
+    assert "reddiff.run.sweep_callback.SweepTableCallback" in str(cfg.hydra.callbacks)
     axes = {k: [s.strip() for s in str(v).split(",")] for k, v in cfg.hydra.sweeper.params.items()}
     assert axes == EXPECTED_AXES[name]
     jobs = sweep_jobs(name)
@@ -258,7 +258,7 @@ def test_demo_table1_settings(hydra_ctx):
 # ------------------------------------------------------------------------------------ plots (fast)
 def test_weighting_curves_follow_the_schedule():
     """plot_weighting's curves are the sampler's weights of s_t = sqrt(1-a_t)/sqrt(a_t) (paper Fig. 2)."""
-    from reddiff.plots import weighting_curves
+    from reddiff.report.plots import weighting_curves
 
     ts, c = weighting_curves()
     s = Schedule().sigma_over_alpha(torch.as_tensor(ts)).numpy()
@@ -297,7 +297,7 @@ def _fake_sweep(tmp_path: Path, name: str, value) -> Path:
 
 
 def test_auto_plots_match_the_sweep(hydra_ctx, tmp_path):
-    from reddiff.plots import auto_kinds, load_jobs
+    from reddiff.report.plots import auto_kinds, load_jobs
 
     expect = {"demo_lambda_lr": "heatmap", "demo_steps": "steps", "demo_weighting": "weighting",
               "demo_order": "bars", "demo_table1": "bars"}
@@ -308,7 +308,7 @@ def test_auto_plots_match_the_sweep(hydra_ctx, tmp_path):
 
 
 def test_heatmap_puts_each_job_in_its_cell(hydra_ctx, tmp_path):
-    from reddiff.plots import heatmap_grid, load_jobs, make_plots
+    from reddiff.report.plots import heatmap_grid, load_jobs, make_plots
 
     f = lambda s: 10 * s.lr - (s.lam - 1.0) ** 2  # noqa: E731 - a known surface with its max at lr 1, lam 1
     root = _fake_sweep(tmp_path, "demo_lambda_lr", f)
@@ -325,7 +325,7 @@ def test_heatmap_puts_each_job_in_its_cell(hydra_ctx, tmp_path):
 
 
 def test_plots_cli_errors_clearly(tmp_path, capsys):
-    from reddiff.plots import main
+    from reddiff.report.plots import main
 
     with pytest.raises(SystemExit, match="no finished job dirs"):
         main([str(tmp_path)])
@@ -431,8 +431,8 @@ def one_thread():
 @pytest.mark.parametrize("name", GPU)
 def test_gpu_preset_dry_run(hydra_ctx, one_thread, tmp_path, name):
     """Representative jobs of a GPU preset, each on one demo image with the embedded prior and 2 steps, run through
-    the same runner as run.py (reddiff.experiment.run) and write the contracted outputs."""
-    from reddiff.experiment import run
+    the same runner as run.py (reddiff.run.experiment.run) and write the contracted outputs."""
+    from reddiff.run.experiment import run
 
     jobs = _representative_jobs(name)
     assert jobs

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from reddiff.diffusion import Schedule
+from reddiff.core.diffusion import Schedule
 from reddiff.priors.gmm import GaussianMixturePrior, mcgdiff_problem
 
 torch.set_num_threads(1)

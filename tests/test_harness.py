@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reddiff.results import read_rows
+from reddiff.store.results import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "progress=false", "sampler.steps=4"]
@@ -63,7 +63,7 @@ def test_single_job_outputs(tmp_path):
 
 def test_missing_weights_reported_not_invented(tmp_path):
     """On a machine without the LPIPS/Inception/ResNet weights those metrics are 'missing' with a fetch command."""
-    from reddiff.weights import REGISTRY
+    from reddiff.core.weights import REGISTRY
 
     out = tmp_path / "job"
     run_py([*FAST, "data.count=1", f"hydra.run.dir={out}"])
@@ -186,7 +186,7 @@ def test_two_shards_merge_to_unsharded(tmp_path):
     run_py([*common, f"hydra.run.dir={tmp_path / 'full' / 'job'}"])
     for i in range(2):
         run_py([*common, "data.num_shards=2", f"data.shard={i}", f"hydra.run.dir={tmp_path / 'sharded' / f'shard{i}'}"])
-    from reddiff.tables import collect
+    from reddiff.report.tables import collect
 
     merged = collect(tmp_path / "sharded")
     full = collect(tmp_path / "full")

@@ -18,8 +18,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from reddiff.errors import UserError
-from reddiff.results import read_rows
+from reddiff.core.errors import UserError
+from reddiff.store.results import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "progress=false", "metrics=fast", "sampler.steps=3"]
@@ -32,7 +32,7 @@ def compose_cfg(*overrides):
 
 
 def job(out: Path, *overrides, fast=True):
-    from reddiff.experiment import run
+    from reddiff.run.experiment import run
 
     return run(compose_cfg(*(FAST if fast else []), *overrides), out)
 
@@ -76,7 +76,7 @@ def test_row01_folder_bound_to_its_configuration(tmp_path):
 
 
 def test_row01_sharding_keys_may_differ_between_merged_shards(tmp_path):
-    from reddiff.tables import collect
+    from reddiff.report.tables import collect
 
     for i in range(2):
         job(tmp_path / "sweep" / f"s{i}", "data.count=4", "data.num_shards=2", f"data.shard={i}", "batch_size=2")
@@ -88,7 +88,7 @@ def test_row01_sharding_keys_may_differ_between_merged_shards(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ row 2
 def test_row02_second_writer_refused_at_once_with_the_holder_pid(tmp_path):
-    from reddiff.jobdir import JobLock
+    from reddiff.store.jobdir import JobLock
 
     d = tmp_path / "D"
     with JobLock(d):
@@ -102,10 +102,10 @@ def test_row02_second_writer_refused_at_once_with_the_holder_pid(tmp_path):
 
 
 def test_row02_stale_lock_after_kill_9_never_blocks(tmp_path):
-    from reddiff.jobdir import JobLock
+    from reddiff.store.jobdir import JobLock
 
     d = tmp_path / "D"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from reddiff.jobdir import JobLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from reddiff.store.jobdir import JobLock; "
                                f"JobLock({str(d)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -171,7 +171,7 @@ def test_row05_changed_metrics_resume_false_and_write_errors(tmp_path, monkeypat
         job(d, "data.count=2", "batch_size=1", "resume=false")
     assert (d / "metrics.csv").read_text() == before
     # disk full / read-only while writing: one line, earlier rows kept, a rerun completes
-    from reddiff.results import ResultStore
+    from reddiff.store.results import ResultStore
 
     real = ResultStore.append
     for code in (errno.ENOSPC, errno.EROFS, errno.EACCES):
@@ -204,7 +204,7 @@ def test_row05_run_dir_that_cannot_be_created(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ row 6
 def test_row06_weights_integrity_by_content(tmp_path, caplog):
-    from reddiff import weights as W
+    from reddiff.core import weights as W
 
     src = W.REGISTRY["embedded64"].find()
     good = tmp_path / "my_prior.safetensors"
@@ -230,7 +230,8 @@ def test_row06_weights_integrity_by_content(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------------------------ row 7
 def test_row07_tables_keep_provenance_and_empty_folder_writes_nothing(tmp_path, capsys):
-    from reddiff.tables import main, write_tables
+    from reddiff.report.tables import write_tables
+    from reddiff.tables import main
 
     sweep = tmp_path / "sweep"
     job(sweep / "0_a", "data.count=1")
@@ -250,7 +251,7 @@ def test_row07_tables_keep_provenance_and_empty_folder_writes_nothing(tmp_path, 
 
 # ------------------------------------------------------------------------------------------------ row 8
 def test_row08_adhoc_sweep_wandb_group_is_the_sweep_folder(tmp_path, monkeypatch):
-    import reddiff.experiment as ex
+    import reddiff.run.experiment as ex
 
     monkeypatch.setattr(ex, "hydra_info", lambda: {"sweep_dir": str(tmp_path / "my_sweep"), "multirun": True})
     d = tmp_path / "my_sweep" / "0_job"
@@ -261,14 +262,14 @@ def test_row08_adhoc_sweep_wandb_group_is_the_sweep_folder(tmp_path, monkeypatch
     assert b"my_sweep" in runfile.read_bytes()
     import inspect
 
-    from reddiff import sweep_callback
+    from reddiff.run import sweep_callback
     assert 'or root.name' in inspect.getsource(sweep_callback._log_wandb_table)  # the table run's group too
 
 
 # ------------------------------------------------------------------------------------------------ row 9
 def test_row09_weights_fetch_takes_several_names(monkeypatch, tmp_path, capsys):
     from reddiff import cli as rcli
-    from reddiff import weights as W
+    from reddiff.core import weights as W
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     got = []
@@ -281,7 +282,7 @@ def test_row09_weights_fetch_takes_several_names(monkeypatch, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ row 10
 def test_row10_status_instructions_are_correct(monkeypatch, tmp_path, capsys):
     from reddiff import cli as rcli
-    from reddiff.weights import REGISTRY
+    from reddiff.core.weights import REGISTRY
 
     monkeypatch.setenv("REDDIFF_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("REDDIFF_DPS_FFHQ", raising=False)
@@ -334,7 +335,7 @@ class _Evil:
 
 
 def test_row13_unsafe_pickle_message_never_suggests_the_unsafe_load(tmp_path):
-    from reddiff.checkpoint import UnsafeCheckpointError, load_state_dict
+    from reddiff.core.checkpoint import UnsafeCheckpointError, load_state_dict
 
     p = tmp_path / "evil.pt"
     with open(p, "wb") as f:
@@ -350,7 +351,7 @@ def test_row13_unsafe_pickle_message_never_suggests_the_unsafe_load(tmp_path):
 def test_row14_redone_batch_is_bit_identical(tmp_path):
     """Fixed batches: drop rows of a finished job (as a kill would leave it: a half-written last line and a
     missing row in another batch) and rerun: every row and PNG equals the uninterrupted run's, bit for bit."""
-    from reddiff.batch_loop import fixed_batches
+    from reddiff.run.batch_loop import fixed_batches
 
     assert [len(b) for b in fixed_batches(list(range(7)), 3)] == [3, 3, 1]
     args = ["data.count=6", "batch_size=3", "sampler.steps=4"]
@@ -373,8 +374,8 @@ def test_row14_redone_batch_is_bit_identical(tmp_path):
 
 def test_busy_folder_refused_before_hydra_writes(tmp_path, capsys):
     """A second writer is refused by the pre-flight check, before Hydra would rewrite the holder's .hydra/."""
-    from reddiff.entry import preflight
-    from reddiff.jobdir import JobLock
+    from reddiff.run.entry import preflight
+    from reddiff.store.jobdir import JobLock
 
     d = tmp_path / "job"
     with JobLock(d):

@@ -9,7 +9,7 @@ import torch
 
 from reddiff import registry
 from reddiff.operators.matrix import MatrixOperator
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 from gaussian_case import gmm_problem, weighted_errors  # noqa: E402 - tests/ helper
 

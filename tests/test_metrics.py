@@ -16,7 +16,7 @@ import torchvision
 from reddiff.data import DemoDataset
 from reddiff.metrics import MetricSuite
 from reddiff.metrics import backbones, setlevel
-from reddiff.weights import REGISTRY
+from reddiff.core.weights import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ from reddiff.operators.bkse import KernelWizard, NonlinearBlur, load_bkse_state_
 from reddiff.operators.inpainting import FreeformInpainting, RandomInpainting
 from reddiff.operators.motion import MotionBlur
 from reddiff.operators.separable import SeparableBlur
-from reddiff.rng import BatchRNG
-from reddiff.weights import MissingWeightsError
+from reddiff.core.rng import BatchRNG
+from reddiff.core.weights import MissingWeightsError
 
 torch.set_num_threads(1)
 DT = torch.float64

@@ -9,7 +9,7 @@ import torch
 
 from reddiff import registry
 from reddiff.operators.matrix import MatrixOperator
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 from reddiff.samplers.smc import SpectralSMC
 
 from gaussian_case import gmm_problem  # noqa: E402 - tests/ helper

@@ -14,7 +14,7 @@ from baselines.pnpdm import PnPDM
 from reddiff.operators.base import Operator
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 from gaussian_case import gaussian_draws  # noqa: E402 - tests/ helper
 

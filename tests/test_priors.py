@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from reddiff import weights as W
+from reddiff.core import weights as W
 from reddiff.priors.adm import UNet, UNetConfig
 from reddiff.priors.unet import ARCH_OF_WEIGHTS, ARCHS, StateDictMismatchError, UNetPrior
-from reddiff.train_prior import EMBEDDED_CONFIG, export
+from reddiff.priors.training.train import EMBEDDED_CONFIG, export
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = UNetConfig(image_size=16, model_channels=32, out_channels=3, num_res_blocks=1, attention_resolutions=(8,),
@@ -164,7 +164,7 @@ def test_embedded_yaml_instantiates_the_shipped_prior():
     from hydra.utils import instantiate
 
     if W.REGISTRY["embedded64"].find() is None:
-        pytest.skip("embedded64.safetensors not present (train it: python -m reddiff.train_prior ... --export)")
+        pytest.skip("embedded64.safetensors not present (train it: python -m reddiff.priors.training.train ... --export)")
     root = OmegaConf.create({"device": "cpu", "prior": OmegaConf.load(ROOT / "conf" / "prior" / "embedded.yaml")})
     prior = instantiate(root.prior)
     assert isinstance(prior, UNetPrior) and prior.shape == (3, 64, 64) and prior.device.type == "cpu"
@@ -205,7 +205,7 @@ class _PointPrior(__import__("reddiff.priors.base", fromlist=["Prior"]).Prior):
 
 
 def test_eval_prior_ddim_and_denoiser_are_exact_for_a_point_prior():
-    from reddiff.eval_prior import ddim_sample, denoise_eval
+    from reddiff.priors.training.evaluate import ddim_sample, denoise_eval
 
     x_star = torch.rand(3, 8, 8) * 1.6 - 0.8
     prior = _PointPrior(x_star)
@@ -219,7 +219,7 @@ def test_eval_prior_ddim_and_denoiser_are_exact_for_a_point_prior():
 
 
 def test_eval_prior_gaussian_filter_and_psnr():
-    from reddiff.eval_prior import gaussian_blur, psnr
+    from reddiff.priors.training.evaluate import gaussian_blur, psnr
 
     c = torch.full((1, 3, 12, 12), 0.3)
     assert torch.allclose(gaussian_blur(c, 1.5), c, atol=1e-6)  # constants are preserved (reflect padding)
@@ -230,7 +230,7 @@ def test_eval_prior_gaussian_filter_and_psnr():
 def test_eval_prior_cli_writes_grid_and_card(tiny_file, tmp_path):
     from PIL import Image
 
-    from reddiff.eval_prior import BEGIN, END, main
+    from reddiff.priors.training.evaluate import BEGIN, END, main
 
     _, path = tiny_file
     card = tmp_path / "CARD.md"

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from reddiff.diffusion import timesteps
+from reddiff.core.diffusion import timesteps
 from reddiff.operators.base import LinearOperator
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 from reddiff.samplers.reddiff import PER_ITEM, WEIGHTINGS, REDDiff, adam_step, expand_configs, tile, untile
 
 torch.set_num_threads(1)

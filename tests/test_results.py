@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from reddiff.results import ResultStore, read_rows
+from reddiff.store.results import ResultStore, read_rows
 
 
 def test_append_resume_no_duplicates(tmp_path):

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from reddiff import weights as W
-from reddiff.checkpoint import CheckpointError, UnsafeCheckpointError, load_state_dict
+from reddiff.core import weights as W
+from reddiff.core.checkpoint import CheckpointError, UnsafeCheckpointError, load_state_dict
 from reddiff.priors.adm import UNet, UNetConfig
 from reddiff.priors.unet import UNetPrior
 

@@ -14,7 +14,7 @@ from reddiff.operators.base import Operator, OperatorCapabilityError
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
 from reddiff.priors.gmm import GaussianMixturePrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 
 torch.set_num_threads(1)
 NAMES = registry.sampler_names()

@@ -22,11 +22,11 @@ from baselines.ddrm import DDRM
 from baselines.dps import DPS
 from baselines.pigdm import PiGDM
 from baselines.pinv import Pinv
-from reddiff.diffusion import timesteps
+from reddiff.core.diffusion import timesteps
 from reddiff.operators.base import Operator, OperatorCapabilityError, SVDOperator
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 from reddiff.samplers.reddiff import REDDiff
 
 torch.set_num_threads(1)

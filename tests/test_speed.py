@@ -1,4 +1,4 @@
-"""Speed benchmark (contract 4), batched RED-diff sweeps (reddiff.sweep) and the opt-in fast paths (reddiff.perf)."""
+"""Speed benchmark (contract 4), batched RED-diff sweeps (reddiff.run.sweep) and the opt-in fast paths (reddiff.priors.perf)."""
 from __future__ import annotations
 
 import json
@@ -12,12 +12,12 @@ import torch
 
 from benchmarks.speed import RSS_TARGET, forward_kind, load_prior, make_sampler, speed_samplers
 from reddiff.registry import build_operator
-from reddiff.perf import TOLERANCES, FastPathPrior, apply_fast_paths, deviation, recommended_fast_paths
+from reddiff.priors.perf import TOLERANCES, FastPathPrior, apply_fast_paths, deviation, recommended_fast_paths
 from reddiff.priors.base import Prior
 from reddiff.priors.gaussian import GaussianPrior
-from reddiff.rng import BatchRNG
+from reddiff.core.rng import BatchRNG
 from reddiff.samplers.reddiff import REDDiff
-from reddiff.sweep import batched_sweep, grid, separate_runs
+from reddiff.run.sweep import batched_sweep, grid, separate_runs
 
 CONTRACT_KEYS = ("wall_over_forward", "peak_rss_mb", "images_per_second")
 
@@ -247,15 +247,15 @@ def test_compile_graph_capture_matches_eager(embedded):
 
 @pytest.mark.slow
 def test_sweep_cli_equals_run_py_jobs(tmp_path, root):
-    """`python -m reddiff.sweep +experiment=demo_lambda_lr_batched` writes one job dir per configuration whose
+    """`python -m reddiff.run.sweep +experiment=demo_lambda_lr_batched` writes one job dir per configuration whose
     metrics.csv equals, value for value, that of `python run.py` with the same configuration.  Network calls are
     made at batch 1 on both sides (sweep_max_batch=1, batch_size=1) and the weights are copied first (a training run
     may re-export the embedded prior meanwhile), so the two are bit-identical computations."""
     import os
     import shutil
 
-    from reddiff.results import read_rows
-    from reddiff.weights import REGISTRY
+    from reddiff.store.results import read_rows
+    from reddiff.core.weights import REGISTRY
 
     from safetensors.torch import load_file
 
@@ -273,7 +273,7 @@ def test_sweep_cli_equals_run_py_jobs(tmp_path, root):
     common = ["data.count=2", "sampler.steps=3", "metrics.names=[psnr]", "progress=false", f"prior.weights={w}",
               "prior.arch=embedded64", "batch_size=1"]
     sweep_dir = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "reddiff.sweep", "+experiment=demo_lambda_lr_batched", *common,
+    r = subprocess.run([sys.executable, "-m", "reddiff.run.sweep", "+experiment=demo_lambda_lr_batched", *common,
                         "sweep_grid.lam=[0.25,1.0]", "sweep_grid.lr=[0.5]", "sweep_max_batch=1",
                         f"hydra.run.dir={sweep_dir}"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,11 +1,11 @@
-"""reddiff.stats: photo-clustered intervals, paired differences, verdicts."""
+"""reddiff.report.stats: photo-clustered intervals, paired differences, verdicts."""
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from reddiff import stats as S
+from reddiff.report import stats as S
 from reddiff.data.make_demo import DEMO_IDS, HELD_OUT
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Equal-budget tuning (reddiff/tune.py, reddiff/make_tune.py), the tuning split (data=tune), tuned presets."""
+"""Equal-budget tuning (reddiff/tune/sweeper.py, reddiff/tune/make.py), the tuning split (data=tune), tuned presets."""
 import json
 import os
 import subprocess
@@ -11,8 +11,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from reddiff import registry
-from reddiff.errors import UserError
-from reddiff.tune import N_TRIALS, apply_tuned, objective, register, tunable, tune_node
+from reddiff.core.errors import UserError
+from reddiff.tune.sweeper import N_TRIALS, apply_tuned, objective, register, tunable, tune_node
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_generated_tune_configs_use_the_optuna_sweeper_and_the_tuning_split():
 def test_tuning_split_shares_no_pixels_with_the_demo_set_or_the_training_photos():
     from reddiff.data.demo import DemoDataset
     from reddiff.data.tune import TILE, TILES, TuneDataset, load_motorcycle
-    from reddiff.photos import HELD_OUT, TRAIN_SKIMAGE, TRAIN_SKLEARN, load_photo
+    from reddiff.data.photos import HELD_OUT, TRAIN_SKIMAGE, TRAIN_SKLEARN, load_photo
 
     photo = load_motorcycle()
     for name in HELD_OUT + TRAIN_SKIMAGE + TRAIN_SKLEARN:
@@ -151,7 +151,7 @@ def test_make_tune_steps_from_a_preset_match_the_committed_tuned_files():
     """``make tune`` tunes at the demo presets' step counts (``--steps-from demo_table1``; demo_sr4 gives every
     sampler the same counts), and every committed tuned file sits at exactly those counts, so the tuned values
     apply to the demo rows and ``make tune`` regenerates what is committed."""
-    from reddiff.make_tune import can_run, preset_steps
+    from reddiff.tune.make import can_run, preset_steps
 
     assert preset_steps("demo_table1", "mcgdiff", "inpaint_freeform") == 25
     assert preset_steps("demo_table1", "ddrm", "inpaint_freeform") == 20
@@ -166,6 +166,6 @@ def test_make_tune_steps_from_a_preset_match_the_committed_tuned_files():
         task, steps = f.stem.rsplit("_s", 1)
         for sampler in yaml.safe_load(f.read_text()) or {}:
             assert can_run(sampler, task) and preset_steps("demo_table1", sampler, task) == int(steps), (f.name, sampler)
-    r = subprocess.run([sys.executable, "-m", "reddiff.make_tune", "--steps", "5", "--steps-from", "demo_table1"],
+    r = subprocess.run([sys.executable, "-m", "reddiff.tune.make", "--steps", "5", "--steps-from", "demo_table1"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "not both" in r.stderr

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from reddiff import cli, weights
+from reddiff import cli
+
+from reddiff.core import weights
 from reddiff.metrics import MetricSuite
-from reddiff.weights import REGISTRY
+from reddiff.core.weights import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 

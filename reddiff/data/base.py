@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import UserError
+from reddiff.core.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

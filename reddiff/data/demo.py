@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import DataRootError, Entry, ImageDataset
-from .make_demo import DEMO_DIR, DEMO_IDS
+from reddiff.data.base import DataRootError, Entry, ImageDataset
+from reddiff.data.make_demo import DEMO_DIR, DEMO_IDS
 
 
 class DemoDataset(ImageDataset):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .base import DataRootError, Entry, ImageDataset, require_root
+from reddiff.data.base import DataRootError, Entry, ImageDataset, require_root
 
 N_IMAGES = 1000
 _EXTS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .base import IMAGE_EXTENSIONS, DataRootError, Entry, ImageDataset, require_root, safe_id
+from reddiff.data.base import IMAGE_EXTENSIONS, DataRootError, Entry, ImageDataset, require_root, safe_id
 
 
 def read_labels(path) -> dict[str, int]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .base import DataRootError, Entry, ImageDataset, require_root
+from reddiff.data.base import DataRootError, Entry, ImageDataset, require_root
 
 _SUBDIRS = ("", "val", "ILSVRC2012_img_val", os.path.join("imagenet", "val"))
 _EXTS = (".JPEG", ".jpeg", ".jpg", ".png")
@@ -49,7 +49,7 @@ class ImageNet1k(ImageDataset):
                 raise DataRootError(f"list file {self.list_file} not found: set data.list_file=/path/to/list.txt "
                                     f"(or null for the registry's imagenet_val_1k)")
         else:
-            from ..weights import MissingWeightsError, resolve
+            from reddiff.core.weights import MissingWeightsError, resolve
 
             try:
                 self.list_file = resolve("imagenet_val_1k")

@@ -1,6 +1,6 @@
 """Make the 12 demo images (``reddiff/assets/demo/*.png``) from the held-out scikit-image photos.
 
-The photos are the held-out set of :mod:`reddiff.photos` (astronaut, chelsea, coffee), never used to train
+The photos are the held-out set of :mod:`reddiff.data.photos` (astronaut, chelsea, coffee), never used to train
 the embedded prior.  For each photo, in this order:
 
 * ``<photo>_full``: the full centre square, resized to 64x64;
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..photos import HELD_OUT, load_photo
-from .base import center_crop_arr
+from reddiff.data.photos import HELD_OUT, load_photo
+from reddiff.data.base import center_crop_arr
 
 SIZE = 64
 DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"

@@ -1,7 +1,7 @@
 """``tune``: the tuning split, six 64x64 tiles of a photo that is neither an evaluation image nor a training image.
 
 The evaluation set (``demo``) is three scikit-image photos (astronaut, chelsea, coffee) and the embedded prior
-was trained on the others (:mod:`reddiff.photos`).  The one further colour photograph that scikit-image ships
+was trained on the others (:mod:`reddiff.data.photos`).  The one further colour photograph that scikit-image ships
 offline is the left view of ``stereo_motorcycle`` (741x500, a motorcycle in a garage): it shares no pixel with
 the demo images and the prior never saw it.  It is cut into a 3x2 grid of disjoint 247x247 tiles (top-left
 corner at x in {0, 247, 494}, y in {0, 250}), each resized to the prior's resolution with the same rule as every
@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .base import Entry, ImageDataset, center_crop_arr, to_model_tensor
+from reddiff.data.base import Entry, ImageDataset, center_crop_arr, to_model_tensor
 
 PHOTO = "motorcycle"
 TILE = 247

@@ -1,7 +1,7 @@
 """The metric networks, built by their own libraries and filled from a state dict (never downloaded here).
 
 Each ``build_*`` takes the state dict of the registry file (``torch.load`` of the path that
-:func:`reddiff.weights.resolve` returned and hash-checked):
+:func:`reddiff.core.weights.resolve` returned and hash-checked):
 
 * LPIPS (``lpips`` package): the package's own calibrated linear layers (``lpips/weights/v0.1/<net>.pth``,
   shipped inside the package) on a torchvision trunk.  ``lpips.LPIPS(pnet_rand=True)`` builds the trunk

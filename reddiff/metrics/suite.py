@@ -34,7 +34,7 @@ mean/std normalisation, no resize/crop (RED-diff ``run_eval.sh:84`` ``transform=
 ``datasets/imagenet.py:151-154``, code).  KID is reported raw (as written to the official results file,
 ``eval/fid.py:43``); the official log line shows it x10^3 (``eval/fid.py:41``).
 
-Weights come only from the registry's files (:mod:`reddiff.weights`); a metric whose file is missing or
+Weights come only from the registry's files (:mod:`reddiff.core.weights`); a metric whose file is missing or
 fails its hash is in ``suite.missing`` with the exact reason and the fetch command, and is warned about once
 when the suite is built.  Nothing is downloaded, nothing is replaced by random weights.
 """
@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
-from . import backbones, setlevel
+from reddiff.metrics import backbones, setlevel
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class MetricSuite:
         self._paths: dict[str, Path] = {}
         self._nets: dict[str, Any] = {}
 
-        from ..weights import HashMismatchError, MissingWeightsError, REGISTRY, resolve
+        from reddiff.core.weights import HashMismatchError, MissingWeightsError, REGISTRY, resolve
 
         for name in self.names:
             wname = _weights_for(name, lpips_net)
@@ -190,7 +190,7 @@ class MetricSuite:
         # reference-feature cache: on for real weights; with injected test backbones only when a dir is given
         self._ref_cache_dir: Optional[Path] = None
         if ref_cache and ("inception_fid" in self._paths or ("inception_fid" in self._test and ref_cache_dir)):
-            from ..weights import reddiff_home
+            from reddiff.core.weights import reddiff_home
 
             tag = (REGISTRY["inception_fid"].filename.rsplit(".", 1)[0] if "inception_fid" in self._paths
                    else "test-injected") + "_legacy_pytorch_u8"

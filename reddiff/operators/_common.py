@@ -14,7 +14,7 @@ def image_seed(seed: int, index: int, salt: str) -> int:
     """A 63-bit seed for the per-image state of image ``index``.
 
     Mixes ``(salt, seed, index)`` through numpy's SeedSequence, so masks/kernels of different tasks (salt) and
-    the measurement noise (seeded ``seed + index`` by :class:`reddiff.rng.BatchRNG`) are independent streams.
+    the measurement noise (seeded ``seed + index`` by :class:`reddiff.core.rng.BatchRNG`) are independent streams.
     """
     seed, index = int(seed), int(index)
     if index < 0:

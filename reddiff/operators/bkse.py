@@ -3,7 +3,7 @@ Space", Tran et al. CVPR 2021) used as a nonlinear forward operator, as in DPS a
 
 The network is re-implemented here (our code) from the published architecture, with module and parameter names
 chosen so that the published ``GOPRO_wVAE.pth`` state dict loads with ``strict=True`` (registry name
-``bkse_gopro``; the file is never bundled: a missing file raises :class:`reddiff.weights.MissingWeightsError`
+``bkse_gopro``; the file is never bundled: a missing file raises :class:`reddiff.core.weights.MissingWeightsError`
 naming its path and how to get it).  Only the path the blur generator uses (``adaptKernel``) is implemented:
 
 * ``feature_extractor``: conv3x3(3->nf), LReLU(0.1), two stride-2 conv3x3 with LReLU, ``front_RBs`` residual
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import ImageOpMixin, torch_rng
-from .base import Operator
+from reddiff.operators._common import ImageOpMixin, torch_rng
+from reddiff.operators.base import Operator
 
 
 class ResidualBlockNoBN(nn.Module):
@@ -150,12 +150,12 @@ def load_bkse_state_dict(net: KernelWizard, state: dict, source: str = "state di
 class NonlinearBlur(ImageOpMixin, Operator):
     """``deblur_nonlinear``: bkse blur with a per-image latent kernel (module docstring). y: image shape.
 
-    ``weights`` is a registry name or a path, resolved with :func:`reddiff.weights.resolve` at construction;
+    ``weights`` is a registry name or a path, resolved with :func:`reddiff.core.weights.resolve` at construction;
     ``network`` (a :class:`KernelWizard`) may be passed instead, e.g. for tests with random weights.
     """
 
     name = "deblur_nonlinear"
-    #: the reddiff.weights registry entry this operator cannot run without (the registry reports it)
+    #: the reddiff.core.weights registry entry this operator cannot run without (the registry reports it)
     weights_name = "bkse_gopro"
     per_image = True
 
@@ -167,7 +167,7 @@ class NonlinearBlur(ImageOpMixin, Operator):
             raise ValueError(f"deblur_nonlinear: kernel_std must be >= 0, got {kernel_std}")
         self.kernel_std, self.seed = kernel_std, int(seed)
         if network is None:
-            from reddiff.weights import resolve  # raises MissingWeightsError with the path and how to get it
+            from reddiff.core.weights import resolve  # raises MissingWeightsError with the path and how to get it
 
             path = resolve(weights, verify=verify)
             network = KernelWizard()

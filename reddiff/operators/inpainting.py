@@ -39,8 +39,8 @@ import math
 import numpy as np
 import torch
 
-from ._common import ImageOpMixin, numpy_rng
-from .base import SVDOperator
+from reddiff.operators._common import ImageOpMixin, numpy_rng
+from reddiff.operators.base import SVDOperator
 
 
 # ------------------------------------------------------------------------------------------- mask makers

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SVDOperator
+from reddiff.operators.base import SVDOperator
 
 
 class MatrixOperator(SVDOperator):

@@ -43,8 +43,8 @@ import math
 import numpy as np
 import torch
 
-from ._common import _EPS64, ImageOpMixin, numpy_rng
-from .base import SVDOperator
+from reddiff.operators._common import _EPS64, ImageOpMixin, numpy_rng
+from reddiff.operators.base import SVDOperator
 
 
 def motion_kernel(size: int, intensity: float, rng: np.random.Generator, steps: int = 512) -> np.ndarray:

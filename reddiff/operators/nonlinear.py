@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import ImageOpMixin
-from .base import Operator
+from reddiff.operators._common import ImageOpMixin
+from reddiff.operators.base import Operator
 
 
 def _centered_fft2(x: torch.Tensor) -> torch.Tensor:

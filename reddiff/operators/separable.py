@@ -50,8 +50,8 @@ import math
 import numpy as np
 import torch
 
-from ._common import _EPS64, ImageOpMixin
-from .base import SVDOperator
+from reddiff.operators._common import _EPS64, ImageOpMixin
+from reddiff.operators.base import SVDOperator
 
 BOUNDARIES = ("zero", "reflect", "symmetric", "circular")
 PINV_MODES = ("moore_penrose", "reddiff")

@@ -4,16 +4,19 @@
   (ImageNet-256 uncond/cond, DPS FFHQ-256) or the embedded 64x64 prior, strictly and safely;
 * :mod:`reddiff.priors.adm`: the UNet itself and the published configurations.
 
-``UNetPrior`` is imported lazily so that ``import reddiff.priors`` stays cheap.
+``UNetPrior`` is imported lazily so that ``import reddiff.priors`` stays cheap.  Training and evaluation of the
+embedded prior live in :mod:`reddiff.priors.training`; opt-in fast paths in :mod:`reddiff.priors.perf`.
+
+May import: reddiff.core
 """
-from .base import Prior
+from reddiff.priors.base import Prior
 
 __all__ = ["Prior", "UNetPrior"]
 
 
 def __getattr__(name):
     if name == "UNetPrior":
-        from .unet import UNetPrior
+        from reddiff.priors.unet import UNetPrior
 
         return UNetPrior
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Prior / denoiser protocol.
 
-A prior is an epsilon-predictor on the VP schedule of :mod:`reddiff.diffusion`:
+A prior is an epsilon-predictor on the VP schedule of :mod:`reddiff.core.diffusion`:
 
 * ``shape``: the shape of one sample (``(C, H, W)`` for images, ``(d,)`` for the Gaussian mixture);
 * ``eps(x_t, t)``: predicted noise; ``t`` is an int or a ``(B,)`` long tensor in ``{0..T-1}``;
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import Schedule
+from reddiff.core.diffusion import Schedule
 
 
 class Prior(torch.nn.Module):

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .base import Prior
+from reddiff.priors.base import Prior
 
 
 class GaussianPrior(Prior):
@@ -105,7 +105,7 @@ class GaussianPrior(Prior):
         return torch.diag(self.var)
 
     def sample(self, num: int, rng, dtype=torch.float32) -> torch.Tensor:
-        """``num`` prior draws of shape ``(num, *shape)`` using ``rng`` (a :class:`reddiff.rng.BatchRNG`)."""
+        """``num`` prior draws of shape ``(num, *shape)`` using ``rng`` (a :class:`reddiff.core.rng.BatchRNG`)."""
         z = rng.randn((num, self.n), dtype=torch.float64)
         if self.full:
             x = self.mean + (z * self.lam.sqrt()) @ self.Q.T

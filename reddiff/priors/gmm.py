@@ -43,15 +43,15 @@ from typing import Optional
 
 import torch
 
-from ..diffusion import Schedule
-from .base import Prior
+from reddiff.core.diffusion import Schedule
+from reddiff.priors.base import Prior
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ------------------------------------------------------------------------------------------ randomness
 def _randn(rng, shape, dtype=torch.float64) -> torch.Tensor:
-    """Standard normals from a :class:`reddiff.rng.BatchRNG`, a ``torch.Generator`` or ``None``."""
+    """Standard normals from a :class:`reddiff.core.rng.BatchRNG`, a ``torch.Generator`` or ``None``."""
     if rng is None or isinstance(rng, torch.Generator):
         return torch.randn(tuple(shape), generator=rng, dtype=dtype)
     return rng.randn(tuple(shape), dtype=dtype).cpu()

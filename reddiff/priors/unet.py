@@ -5,17 +5,17 @@
     prior = UNetPrior("dps_ffhq256")                         # DPS FFHQ 256 (93.6M)
     prior = UNetPrior("/some/file.pt", arch="adm_imagenet256", verify=False)
 
-* ``weights``: a registry name (:mod:`reddiff.weights`) or a path.  Registered files are hash-checked when a
-  sha256 is pinned; a mismatch raises :class:`~reddiff.weights.HashMismatchError` unless ``verify=False``,
+* ``weights``: a registry name (:mod:`reddiff.core.weights`) or a path.  Registered files are hash-checked when a
+  sha256 is pinned; a mismatch raises :class:`~reddiff.core.weights.HashMismatchError` unless ``verify=False``,
   which loads it anyway and logs a warning.  A missing file raises
-  :class:`~reddiff.weights.MissingWeightsError` naming the path and the ``reddiff weights fetch NAME`` command.
+  :class:`~reddiff.core.weights.MissingWeightsError` naming the path and the ``reddiff weights fetch NAME`` command.
 * ``arch``: a named configuration (:data:`ARCHS`), a :class:`UNetConfig` or a dict of its fields.  ``None``
   infers it from the registry name, or from the ``unet_config`` metadata of a safetensors file.
   ``embedded64`` is the configuration stored in the file's metadata (written from
   ``EMBEDDED_CONFIG`` below), falling back to ``EMBEDDED_CONFIG`` when a file has none.
 * Loading is strict: the file's keys and shapes must be exactly those of the architecture; otherwise the
   error lists the missing, unexpected and mis-shaped keys.  Files are read with
-  :func:`reddiff.checkpoint.load_state_dict` (safetensors, or ``torch.load(weights_only=True)``).
+  :func:`reddiff.core.checkpoint.load_state_dict` (safetensors, or ``torch.load(weights_only=True)``).
 * With ``learn_sigma`` the network outputs ``2C`` channels; ``eps`` is the first ``C``.
 * The weights are frozen (``requires_grad=False``) and the module is in eval mode: samplers that need
   gradients (DPS, Pi-GDM) differentiate with respect to ``x_t`` only.
@@ -34,18 +34,18 @@ from typing import Optional, Union
 
 import torch
 
-from .. import weights as W
-from ..checkpoint import load_state_dict, read_json_metadata
-from ..diffusion import Schedule
-from .adm import ADM_IMAGENET_256_COND, ADM_IMAGENET_256_UNCOND, DPS_FFHQ_256, UNet, UNetConfig
-from .base import Prior
+from reddiff.core import weights as W
+from reddiff.core.checkpoint import load_state_dict, read_json_metadata
+from reddiff.core.diffusion import Schedule
+from reddiff.priors.adm import ADM_IMAGENET_256_COND, ADM_IMAGENET_256_UNCOND, DPS_FFHQ_256, UNet, UNetConfig
+from reddiff.priors.base import Prior
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded64"
 
 
-#: the embedded 64x64 prior's architecture (3.7M parameters; trained by reddiff/train_prior.py)
+#: the embedded 64x64 prior's architecture (3.7M parameters; trained by reddiff/priors/training/train.py)
 EMBEDDED_CONFIG = UNetConfig(
     image_size=64, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
     attention_resolutions=(8,), channel_mult=(1, 2, 2, 4), num_heads=4, num_head_channels=32,

@@ -2,7 +2,7 @@
 
 Samplers are configured through Hydra (one ``conf/sampler/<name>.yaml`` whose ``_target_`` is the class), never
 assume 4-D images (the Gaussian-mixture prior is ``(B, d)``), and draw all randomness from ``rng``
-(:class:`reddiff.rng.BatchRNG`), so a batch gives the same result as a loop over its items.
+(:class:`reddiff.core.rng.BatchRNG`), so a batch gives the same result as a loop over its items.
 
 A sampler declares what it needs and how it is benchmarked as class attributes, so nothing outside its own file
 lists it: ``requires`` (operator capabilities, checked up front by :meth:`Sampler.check`), ``needs_grad`` (it
@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..diffusion import SPACINGS, ddim_coefficients, timesteps
+from reddiff.core.diffusion import SPACINGS, ddim_coefficients, timesteps
 
 
 def validate_steps(name: str, steps) -> int:
@@ -32,7 +32,7 @@ def validate_steps(name: str, steps) -> int:
 
 
 def validate_spacing(name: str, spacing) -> str:
-    """``spacing`` of :func:`reddiff.diffusion.timesteps`: "default" (exactly ``steps`` steps) or "official"
+    """``spacing`` of :func:`reddiff.core.diffusion.timesteps`: "default" (exactly ``steps`` steps) or "official"
     (``range(0, T, T // steps)``, the official list, ``compat.timesteps``)."""
     if spacing not in SPACINGS:
         raise ValueError(f"{name}: spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
@@ -49,7 +49,7 @@ class Sampler:
     gmm_hparams: Optional[dict] = None
     #: the grid ``benchmarks.gmm_posterior --tune`` searches (one list per hyperparameter)
     gmm_tune_grid: dict = {}
-    #: search space of ``python run.py -m +tune=<name>`` (reddiff.tune): hyperparameter -> Hydra Optuna-sweeper
+    #: search space of ``python run.py -m +tune=<name>`` (reddiff.tune.sweeper): hyperparameter -> Hydra Optuna-sweeper
     #: expression, e.g. ``{"zeta": "tag(log, interval(0.03, 30.0))"}``; empty: the sampler has nothing to tune
     tune_space: dict = {}
     #: hyperparameters that accept one value per batch item
@@ -59,7 +59,7 @@ class Sampler:
     #: where the method is exact for a Gaussian prior and a linear-Gaussian measurement: settings and tolerances
     #: ``{"overrides": {...}, "mean_tol": float, "cov_tol": float}`` (relative errors), checked by the generic tests
     exact_gaussian: Optional[dict] = None
-    #: timestep spacing passed to :func:`reddiff.diffusion.timesteps` (the compat profile may change it)
+    #: timestep spacing passed to :func:`reddiff.core.diffusion.timesteps` (the compat profile may change it)
     spacing: str = "default"
     log_every: int = 10
 
@@ -105,7 +105,7 @@ class DDIMFamily(Sampler):
     """``x_s = sqrt(a_s) x0 + c2 eps [+ extra] [+ c1 z]`` over the strided schedule, where a subclass's
     :meth:`update` turns ``x_t`` into ``(x0, eps, extra, info)`` (unguided: Tweedie's ``x0_hat`` and the network's
     ``eps``; guided samplers add their correction).  ``c1 = eta sqrt((1 - a_t/a_s)(1 - a_s)/(1 - a_t))``,
-    ``c2 = sqrt(1 - a_s - c1^2)`` (:func:`reddiff.diffusion.ddim_coefficients`); ``eta = 1`` is ancestral DDPM.
+    ``c2 = sqrt(1 - a_s - c1^2)`` (:func:`reddiff.core.diffusion.ddim_coefficients`); ``eta = 1`` is ancestral DDPM.
     The loop runs under ``no_grad``; a hook that differentiates opens ``torch.enable_grad()`` itself."""
 
     eta: float = 1.0

@@ -43,8 +43,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from ..diffusion import ORDERINGS
-from .base import Sampler, bcast, validate_spacing, validate_steps
+from reddiff.core.diffusion import ORDERINGS
+from reddiff.samplers.base import Sampler, bcast, validate_spacing, validate_steps
 
 #: denoiser weightings of the inverse SNR ``s = sqrt(1 - a_t) / sqrt(a_t)`` (official names)
 WEIGHTINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -117,7 +117,7 @@ class REDDiff(Sampler):
     # GMM benchmark: tuned on the tuning seed (results/gmm_posterior.md)
     gmm_hparams = {"lr": 4.0, "lam": 0.25, "sigma_x0": 0.0, "weighting": "linear", "sigma_aware": True}
     gmm_tune_grid = {"lr": [1.0, 2.0, 4.0, 8.0], "lam": [0.25, 1.0, 4.0], "sigma_x0": [0.0, 1.0]}
-    # tuning space (reddiff.tune; unverified: our range around the README example lr 0.5, lam 0.25 and the
+    # tuning space (reddiff.tune.sweeper; unverified: our range around the README example lr 0.5, lam 0.25 and the
     # official config default lr 0.1; lam up to 4 as the lambda ablation grid)
     tune_space = {"lr": "tag(log, interval(0.02, 2.0))", "lam": "tag(log, interval(0.01, 4.0))"}
 

@@ -3,7 +3,7 @@
 State: ``N`` particles per batch item in the spectral coordinates ``z = V^T x`` (shape ``(N, B, n)``,
 particle-major, so rows ``[j*B:(j+1)*B]`` are particle ``j`` of every item and an operator with per-image state
 always sees the batch it was set up for).  Each item is its own particle system; every random draw comes from the
-harness :class:`~reddiff.rng.BatchRNG` with the item first, so a batch equals a loop over its items.
+harness :class:`~reddiff.core.rng.BatchRNG` with the item first, so a batch equals a loop over its items.
 
 With ``H = U diag(s) V^T``, ``y_hat_i = (U^T y)_i / s_i`` on the ``s_i > 0`` coordinates is ``x0_i`` plus noise of
 variance ``r_i = sigma_y^2 / s_i^2``.  A subclass defines, at every level ``L`` of the chain (level 0 = the first
@@ -31,8 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import SamplerInputError
-from .base import Sampler, validate_spacing, validate_steps
+from reddiff.core.errors import SamplerInputError
+from reddiff.samplers.base import Sampler, validate_spacing, validate_steps
 
 RESAMPLING = ("multinomial", "systematic")
 

@@ -1,5 +1,5 @@
-"""The one batch loop behind ``run.py`` jobs (:mod:`reddiff.experiment`) and batched RED-diff sweeps
-(:mod:`reddiff.sweep`): load, measure, restore, score, write rows, PNGs and features.
+"""The one batch loop behind ``run.py`` jobs (:mod:`reddiff.run.experiment`) and batched RED-diff sweeps
+(:mod:`reddiff.run.sweep`): load, measure, restore, score, write rows, PNGs and features.
 
 **Fixed batches.**  Batch ``k`` is always items ``k*B .. k*B+B-1`` of the selection, whatever was done before.
 A batch with any image missing from any job dir is redone whole (rows already on disk are kept, not
@@ -21,11 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import CorruptImageError
-from .images import save_png
-from .jobdir import InputsLog
-from .results import ResultStore, safe_name
-from .rng import BatchRNG
+from reddiff.data import CorruptImageError
+from reddiff.store.images import save_png
+from reddiff.store.jobdir import InputsLog
+from reddiff.store.results import ResultStore, safe_name
+from reddiff.core.rng import BatchRNG
 
 log = logging.getLogger("reddiff")
 

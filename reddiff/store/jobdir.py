@@ -24,8 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError
-from .results import atomic_write_text
+from reddiff.core.errors import UserError
+from reddiff.store.results import atomic_write_text
 
 #: top-level / dotted keys that do not change a job's rows (how it runs, logs, or draws)
 EXCLUDE = ("resume", "progress", "device", "save_images", "grid_images", "logger", "experiment_name", "hydra",

@@ -6,7 +6,7 @@ step on a batch of ``n * K`` items.  Built on :func:`reddiff.samplers.reddiff.ex
 hyperparameters, image-major layout: item ``b * K + k`` is image ``b`` under configuration ``k``), :func:`tile` and
 :func:`untile`.
 
-    from reddiff.sweep import batched_sweep, grid
+    from reddiff.run.sweep import batched_sweep, grid
     configs = grid(lam=[0.05, 0.25, 1.0], lr=[0.25, 0.5])             # K = 6
     x = batched_sweep(configs, y, op, prior, seeds=[seed + i for i in idx], indices=idx, base=REDDiff(steps=100))
     x.shape  # (n_images, K, C, H, W)
@@ -21,7 +21,7 @@ is large where a batch of ``n * K`` costs little more than a batch of ``n`` (GPU
 where a convolution's cost grows about linearly with the batch (see ``python -m benchmarks.speed``, "sweep").
 ``max_batch`` splits very large grids into chunks (results unchanged).
 
-Command line: ``python -m reddiff.sweep +experiment=demo_lambda_lr_batched`` runs the grid in
+Command line: ``python -m reddiff.run.sweep +experiment=demo_lambda_lr_batched`` runs the grid in
 ``sweep_grid`` of that experiment (conf/experiment/demo_lambda_lr_batched.yaml) batched, and writes one job dir per
 configuration, as ``python run.py -m`` would (metrics.csv, summary.json, grid.png), plus table.md/table.csv.
 """
@@ -32,8 +32,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from .rng import BatchRNG
-from .samplers.reddiff import PER_ITEM, REDDiff, expand_configs, tile, untile
+from reddiff.core.rng import BatchRNG
+from reddiff.samplers.reddiff import PER_ITEM, REDDiff, expand_configs, tile, untile
 
 #: REDDiff settings that every item of one batch shares
 SHARED = ("steps", "ordering", "order_seed", "returns", "sigma_aware", "betas", "adam_eps", "log_every")
@@ -143,7 +143,7 @@ def run_batched(cfg, root) -> list[dict]:
     """Run the grid ``cfg.sweep_grid`` (``{key: [values]}`` over per-item keys) of the RED-diff sampler ``cfg.sampler``
     on ``cfg.data`` with one batched sweep per fixed batch of ``cfg.batch_size`` images (at most
     ``cfg.sweep_max_batch`` items per network call), through the job runner's batch loop
-    (:func:`reddiff.batch_loop.run_batches`), and write one job dir per configuration under ``root`` -- each
+    (:func:`reddiff.run.batch_loop.run_batches`), and write one job dir per configuration under ``root`` -- each
     locked, bound to its configuration's fingerprint and resumable, as ``python run.py -m`` would -- then
     ``table.md``/``table.csv`` (and the experiment's plots).  Costs per image: ``nfe`` = the sampler's steps (each
     restoration takes part in that many network calls, on the batch of all configurations), ``seconds`` = batch
@@ -158,19 +158,19 @@ def run_batched(cfg, root) -> list[dict]:
 
     from omegaconf import OmegaConf
 
-    from . import experiment as ex
-    from .aggregate import summarize
-    from .batch_loop import Sink, run_batches
-    from .errors import UserError
-    from .formatting import one_line
-    from .images import write_job_grid
-    from .jobdir import InputsLog, JobLock, bind, fingerprint
-    from .results import ResultStore, atomic_write_text
+    from reddiff.run import experiment as ex
+    from reddiff.store.aggregate import summarize
+    from reddiff.run.batch_loop import Sink, run_batches
+    from reddiff.core.errors import UserError
+    from reddiff.store.formatting import one_line
+    from reddiff.store.images import write_job_grid
+    from reddiff.store.jobdir import InputsLog, JobLock, bind, fingerprint
+    from reddiff.store.results import ResultStore, atomic_write_text
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if cfg.get("sweep_grid") is None:
-        raise UserError("reddiff.sweep needs sweep_grid: {lam: [...], lr: [...]} (see conf/experiment/"
+        raise UserError("reddiff.run.sweep needs sweep_grid: {lam: [...], lr: [...]} (see conf/experiment/"
                         "demo_lambda_lr_batched.yaml)")
     ex.check_scalars(cfg)
     try:
@@ -182,7 +182,7 @@ def run_batched(cfg, root) -> list[dict]:
     operator = ex.build(cfg.task.operator, f"task={ident['task']}")
     sampler = ex.build(cfg.sampler, f"sampler={ident['sampler']}")
     if not isinstance(sampler, REDDiff):
-        raise UserError(f"reddiff.sweep batches RED-diff configurations; sampler={ident['sampler']} is "
+        raise UserError(f"reddiff.run.sweep batches RED-diff configurations; sampler={ident['sampler']} is "
                         f"{type(sampler).__name__}")
     device = ex.resolve_device(cfg.device)
     prior = ex.build(cfg.prior, f"prior={ident['prior']}").to(device).eval()
@@ -222,7 +222,7 @@ def run_batched(cfg, root) -> list[dict]:
         run_batches(dataset=dataset, operator=operator, prior=prior, suite=suite, sinks=sinks, restore=restore,
                     seed=int(cfg.seed), batch_size=int(cfg.batch_size), device=device, logger=logger,
                     save_images=bool(cfg.get("save_images", True)), progress=bool(cfg.get("progress", False)),
-                    desc=f"{K} RED-diff configurations on {ident['task']}", prefix="[reddiff.sweep]")
+                    desc=f"{K} RED-diff configurations on {ident['task']}", prefix="[reddiff.run.sweep]")
         wall = time.time() - t_job
         summaries = []
         for c, sink, base in zip(configs, sinks, bases):
@@ -231,22 +231,22 @@ def run_batched(cfg, root) -> list[dict]:
                                   "note": "peak_rss_mb and wall_seconds_this_run are those of the whole batched sweep"}
             write_job_grid(sink.dir, sink.store.rows, dataset, s, int(cfg.get("grid_images", 6)))
             atomic_write_text(sink.dir / "summary.json", json.dumps(s, indent=2, default=str))
-            print("[reddiff.sweep] " + _job_name(0, c)[2:] + ": " + one_line(s))
+            print("[reddiff.run.sweep] " + _job_name(0, c)[2:] + ": " + one_line(s))
             summaries.append(s)
     logger.finish(summaries[0] if K == 1 else {}, root)
-    from .tables import write_tables
+    from reddiff.report.tables import write_tables
 
-    md = write_tables(root, "python -m reddiff.sweep " + " ".join(ident["overrides"]))
-    print(f"\n[reddiff.sweep] table ({root}/table.md):\n{md}")
+    md = write_tables(root, "python -m reddiff.run.sweep " + " ".join(ident["overrides"]))
+    print(f"\n[reddiff.run.sweep] table ({root}/table.md):\n{md}")
     if cfg.get("experiment_name"):
         try:
-            from .plots import make_plots
+            from reddiff.report.plots import make_plots
 
             for p in make_plots(root):
-                print(f"[reddiff.sweep] plot: {p}")
+                print(f"[reddiff.run.sweep] plot: {p}")
         except Exception as e:  # noqa: BLE001 - plotting never fails the sweep
-            print(f"[reddiff.sweep] plots not written: {e}; run: python -m reddiff.plots {root}")
-    print(f"[reddiff.sweep] results: {root}")
+            print(f"[reddiff.run.sweep] plots not written: {e}; run: python -m reddiff.report.plots {root}")
+    print(f"[reddiff.run.sweep] results: {root}")
     return summaries
 
 
@@ -257,9 +257,9 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .errors import UserError
+    from reddiff.core.errors import UserError
 
-    from .entry import config_dir, preflight
+    from reddiff.run.entry import config_dir, preflight
 
     preflight(sys.argv[1:])
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .provenance import peak_rss_mb
+from reddiff.store.provenance import peak_rss_mb
 
 
 def mean_ci95(values) -> dict:

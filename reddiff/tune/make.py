@@ -1,11 +1,11 @@
 """``make tune``: tune every registry sampler that declares a space, with the same trial budget, and write the
 tuned presets.
 
-    python -m reddiff.make_tune [--prior embedded] [--tasks inpaint_freeform[,sr4]] [--trials 10] [--images 2]
+    python -m reddiff.tune.make [--prior embedded] [--tasks inpaint_freeform[,sr4]] [--trials 10] [--images 2]
                                 [--steps N | --steps-from PRESET] [--samplers reddiff,dps,...]
 
 For each task and each sampler able to run it, one ``python run.py -m +tune=<sampler> task=<task>
-sampler.steps=<S>`` (Hydra's Optuna sweeper, :mod:`reddiff.tune`) in ``multirun/tune/<prior>/<task>_s<S>/<sampler>``;
+sampler.steps=<S>`` (Hydra's Optuna sweeper, :mod:`reddiff.tune.sweeper`) in ``multirun/tune/<prior>/<task>_s<S>/<sampler>``;
 ``S`` is the sampler's own step count for the task (its YAML: 100 for RED-diff, DPS, Pi-GDM; 20 for DDRM, the
 counts of the demo tables) unless ``--steps`` sets one for all or ``--steps-from PRESET`` takes each sampler's
 count from an experiment preset (``make tune``: ``demo_table1``, whose counts ``demo_sr4`` shares).  Then:
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import yaml
 
-from .tune import N_STARTUP
+from reddiff.tune.sweeper import N_STARTUP
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def can_run(sampler: str, task: str) -> bool:
-    from .registry import sampler_info, task_info
+    from reddiff.registry import sampler_info, task_info
 
     req, t = set(sampler_info(sampler)["requires"]), task_info(task)
     if "svd" in req and not t["svd"]:
@@ -42,7 +42,7 @@ def can_run(sampler: str, task: str) -> bool:
 
 
 def default_steps(sampler: str, task: str) -> int:
-    from .registry import sampler_config
+    from reddiff.registry import sampler_config
 
     return int(sampler_config(sampler, task)["steps"])
 
@@ -117,7 +117,7 @@ def write_preset(prior: str, meta: dict) -> Path:
     files = sorted(p.stem for p in d.glob("*.yaml"))
     lines = ["# @package _global_",
              f"# +tuned={prior}: the equal-budget tuned settings of every sampler on prior={prior}, per (task, step",
-             "# count); reddiff.tune.apply_tuned sets them on the job's sampler (keys given on the command line win)",
+             "# count); reddiff.tune.sweeper.apply_tuned sets them on the job's sampler (keys given on the command line win)",
              "# and a (task, sampler, steps) that was not tuned keeps its official settings.",
              f"# Regenerate: make tune ({meta['date']}).  Per-(task, steps) files: conf/tuned/{prior}/.",
              "defaults:"] + [f"  - {prior}/{f}" for f in files] + ["  - _self_", "", "tuned:", f"  prior: {prior}"]
@@ -127,9 +127,9 @@ def write_preset(prior: str, meta: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    from .tune import N_IMAGES, N_TRIALS, tunable
+    from reddiff.tune.sweeper import N_IMAGES, N_TRIALS, tunable
 
-    p = argparse.ArgumentParser(prog="python -m reddiff.make_tune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m reddiff.tune.make", description=__doc__.split("\n\n")[0])
     p.add_argument("--prior", default="embedded")
     p.add_argument("--tasks", default="inpaint_freeform", help="comma list (sr4 too: about twice the time)")
     p.add_argument("--trials", type=int, default=N_TRIALS)
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     meta = {"date": datetime.date.today().isoformat(), "trials": a.trials, "images": a.images,
-            "command": "python -m reddiff.make_tune " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": "python -m reddiff.tune.make " + " ".join(argv if argv is not None else sys.argv[1:])}
     for task in a.tasks.split(","):
         for name in names:
             if not can_run(name, task):

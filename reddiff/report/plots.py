@@ -1,12 +1,12 @@
-"""Plots of a sweep: ``python -m reddiff.plots SWEEP_DIR [--kind auto|heatmap|steps|weighting|bars|grid]``.
+"""Plots of a sweep: ``python -m reddiff.report.plots SWEEP_DIR [--kind auto|heatmap|steps|weighting|bars|grid]``.
 
 PNG files are written next to ``table.md`` in the sweep dir (or any folder of job dirs, shards merged exactly as
-:mod:`reddiff.tables` merges them):
+:mod:`reddiff.report.tables` merges them):
 
 * ``plot_heatmap.png``: a metric over the lambda x lr grid, one panel per metric (and per task/sampler);
 * ``plot_steps.png``: metrics (and seconds per image) against NFE per image, one line per sampler;
 * ``plot_weighting.png``: the RED-diff weighting curves ``w(t) / lambda`` against the timestep ``t`` for all
-  weightings (the paper's Fig. 2; computed from :class:`reddiff.diffusion.Schedule` and
+  weightings (the paper's Fig. 2; computed from :class:`reddiff.core.diffusion.Schedule` and
   :data:`reddiff.samplers.reddiff.WEIGHTINGS` through :meth:`REDDiff.weight_table`), plus the metric of each
   weighting when the sweep varies it;
 * ``plot_bars.png``: metrics (mean and 95% CI as points with error bars) per job, for categorical sweeps
@@ -15,7 +15,7 @@ PNG files are written next to ``table.md`` in the sweep dir (or any folder of jo
   from each job's ``images/*.png``.
 
 ``--kind auto`` (the default) picks the plots that the sweep's varying settings call for; the experiment presets'
-sweeps run it at the end (:class:`reddiff.sweep_callback.SweepTableCallback`).
+sweeps run it at the end (:class:`reddiff.run.sweep_callback.SweepTableCallback`).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from typing import Optional
 
 import numpy as np
 
-from .figures import _plt, _save
-from .figures import plot_grid as _plot_grid
-from .tables import METRIC_ORDER, collect
+from reddiff.report.figures import _plt, _save
+from reddiff.report.figures import plot_grid as _plot_grid
+from reddiff.report.tables import METRIC_ORDER, collect
 
 KINDS = ("heatmap", "steps", "weighting", "bars", "grid")
 LOWER_IS_BETTER = {"lpips", "kid", "fid"}
@@ -215,8 +215,8 @@ def plot_steps(jobs: list[dict], out: Path, metrics: list[str]) -> Optional[Path
 
 def weighting_curves(T: int = 1000) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``t`` and ``w(t) / lambda`` for every RED-diff weighting, from the sampler's own weight table."""
-    from .diffusion import Schedule
-    from .samplers.reddiff import WEIGHTINGS, REDDiff
+    from reddiff.core.diffusion import Schedule
+    from reddiff.samplers.reddiff import WEIGHTINGS, REDDiff
 
     sched = Schedule(T=T)
     ts = list(range(T))

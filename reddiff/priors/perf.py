@@ -4,7 +4,7 @@ All are **off by default**, and :func:`recommended_fast_paths` keeps them off on
 them pays: ``torch.compile`` of the embedded UNet took about 6 minutes to compile on the development machine, and
 bf16 matmuls have no fast path on most server CPUs).  They are meant for GPU users::
 
-    from reddiff.perf import apply_fast_paths, recommended_fast_paths
+    from reddiff.priors.perf import apply_fast_paths, recommended_fast_paths
     prior = apply_fast_paths(prior, **recommended_fast_paths(prior.device))   # CUDA: all three on
     prior = apply_fast_paths(prior, channels_last=True, autocast="bf16")       # or pick them
 
@@ -40,7 +40,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .priors.base import Prior
+from reddiff.priors.base import Prior
 
 #: documented tolerances of each fast path against float32 eager (see the module docstring)
 TOLERANCES = {
@@ -81,7 +81,7 @@ def recommended_fast_paths(device: Union[str, torch.device]) -> dict:
 
 def _is_unet_prior(prior) -> bool:
     try:
-        from .priors.unet import UNetPrior
+        from reddiff.priors.unet import UNetPrior
     except ImportError:  # pragma: no cover - the UNet prior is part of the package
         return False
     return isinstance(prior, UNetPrior)

@@ -1,11 +1,11 @@
 """Train the embedded prior: a small ADM UNet on multi-scale crops of the shipped photos.
 
-    python -m reddiff.train_prior --out runs/prior --steps 6000          # resumable: rerun to continue
-    python -m reddiff.train_prior --out runs/prior --export reddiff/assets/embedded64.safetensors
+    python -m reddiff.priors.training.train --out runs/prior --steps 6000          # resumable: rerun to continue
+    python -m reddiff.priors.training.train --out runs/prior --export reddiff/assets/embedded64.safetensors
 
-The held-out photos (:mod:`reddiff.photos`) are never seen.  Crops are drawn from an image pyramid
+The held-out photos (:mod:`reddiff.data.photos`) are never seen.  Crops are drawn from an image pyramid
 (several scales), with horizontal/vertical flips and 90-degree rotations.  The loss is the plain
-epsilon-prediction MSE on the DDPM schedule of :mod:`reddiff.diffusion`, t uniform in {0..T-1}.
+epsilon-prediction MSE on the DDPM schedule of :mod:`reddiff.core.diffusion`, t uniform in {0..T-1}.
 The exported weights are the EMA of the training weights, in safetensors with the UNet config in
 the metadata.  Training state (model, EMA, optimiser, step) is saved with ``torch.save`` of plain
 tensors and reloaded with ``weights_only=True``.
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .diffusion import Schedule
-from .photos import training_photos
-from .priors.adm import UNet, UNetConfig  # noqa: F401
-from .priors.unet import EMBEDDED_CONFIG  # noqa: F401 - the architecture lives with the prior
+from reddiff.core.diffusion import Schedule
+from reddiff.data.photos import training_photos
+from reddiff.priors.adm import UNet, UNetConfig  # noqa: F401
+from reddiff.priors.unet import EMBEDDED_CONFIG  # noqa: F401 - the architecture lives with the prior
 
 
 

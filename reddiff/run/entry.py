@@ -17,7 +17,7 @@ log = logging.getLogger("reddiff")
 
 
 def config_dir() -> str:
-    clone = Path(__file__).resolve().parents[1] / "conf"
+    clone = Path(__file__).resolve().parents[2] / "conf"
     return str(clone) if (clone / "config.yaml").is_file() else "pkg://reddiff.conf"
 
 
@@ -45,8 +45,8 @@ def preflight(argv: list[str]) -> None:
         if not os.access(p, os.W_OK):
             _fail(f"{key}={val} is not writable")
         if key == "hydra.run.dir":  # a busy job folder is refused before Hydra rewrites its .hydra/ files
-            from .errors import UserError
-            from .jobdir import probe_lock
+            from reddiff.core.errors import UserError
+            from reddiff.store.jobdir import probe_lock
 
             try:
                 probe_lock(p)
@@ -55,12 +55,12 @@ def preflight(argv: list[str]) -> None:
 
 
 def _job(cfg):
-    """One job; returns the objective (mean PSNR, :func:`reddiff.tune.objective`) for Hydra's sweepers."""
+    """One job; returns the objective (mean PSNR, :func:`reddiff.tune.sweeper.objective`) for Hydra's sweepers."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .errors import UserError
-    from .experiment import run
-    from .tune import apply_tuned, objective, worst
+    from reddiff.core.errors import UserError
+    from reddiff.run.experiment import run
+    from reddiff.tune.sweeper import apply_tuned, objective, worst
 
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -82,7 +82,7 @@ def _job(cfg):
 def main() -> None:
     import hydra
 
-    from .tune import register
+    from reddiff.tune.sweeper import register
 
     preflight(sys.argv[1:])
     register()  # the generated tune/<sampler> configs (+tune=NAME), from each sampler's declared space

@@ -1,7 +1,7 @@
 """Evaluate a UNet prior on the held-out demo images: as a denoiser, and by its unconditional samples.
 
-    python -m reddiff.eval_prior                                   # the embedded prior, writes the card section
-    python -m reddiff.eval_prior --weights embedded64 --out results/prior_samples.png --card docs/MODEL_CARD.md
+    python -m reddiff.priors.training.evaluate                                   # the embedded prior, writes the card section
+    python -m reddiff.priors.training.evaluate --weights embedded64 --out results/prior_samples.png --card docs/MODEL_CARD.md
 
 (a) Denoising.  For each noise level sigma (in [0, 1] pixel units) the timestep t is the one whose x0-space
     noise std sqrt((1 - a_t) / a_t) is closest to 2 sigma (model units, [-1, 1]); the noise fed is exactly that
@@ -12,7 +12,7 @@
 (b) Samples.  An unconditional DDIM (eta = 0, x0 clipped to [-1, 1] at each step) sample grid.
 
 Images: the 12 held-out demo images (``reddiff/assets/demo/*.png``, 64x64), or, when those are absent,
-12 centre crops of the held-out photos of :mod:`reddiff.photos` (4 scales each).  Images are resized to the
+12 centre crops of the held-out photos of :mod:`reddiff.data.photos` (4 scales each).  Images are resized to the
 prior's resolution when it is not 64.
 
 The numbers and the training record (``train_info`` in the safetensors metadata, the last line of the training
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+ROOT = Path(__file__).resolve().parents[3]
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 BEGIN, END = "<!-- eval_prior:begin -->", "<!-- eval_prior:end -->"
 FILTER_GRID = (0.0,) + tuple(round(0.25 * k, 2) for k in range(1, 17))  # 0 = no filtering; up to 4 px
 
@@ -48,7 +48,7 @@ def load_images(resolution: int, demo_dir: Path = DEMO_DIR) -> tuple[torch.Tenso
         ids = [f.stem for f in files]
         src = f"{len(files)} demo images {demo_dir.relative_to(ROOT) if demo_dir.is_relative_to(ROOT) else demo_dir}/*.png"
     else:
-        from .photos import held_out_photos
+        from reddiff.data.photos import held_out_photos
 
         arrs, ids = [], []
         for name, img in held_out_photos().items():
@@ -59,7 +59,7 @@ def load_images(resolution: int, demo_dir: Path = DEMO_DIR) -> tuple[torch.Tenso
                 sq = Image.fromarray(img[y0:y0 + side, x0:x0 + side]).resize((64, 64), Image.BICUBIC, reducing_gap=None)
                 arrs.append(np.asarray(sq))
                 ids.append(f"{name}_centre{int(frac * 100)}")
-        src = "12 centre crops (100/70/50/35% of the short side) of the held-out photos (reddiff.photos.HELD_OUT)"
+        src = "12 centre crops (100/70/50/35% of the short side) of the held-out photos (reddiff.data.photos.HELD_OUT)"
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     if x.shape[-1] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False)
@@ -115,7 +115,7 @@ def denoise_eval(prior, x0: torch.Tensor, sigmas, seed: int = 0, batch: int = 12
 @torch.no_grad()
 def ddim_sample(prior, n: int, steps: int, seed: int = 0) -> torch.Tensor:
     """Unconditional DDIM, eta = 0, on every (T // steps)-th timestep, x0 clipped to [-1, 1] at each step."""
-    from .diffusion import timesteps
+    from reddiff.core.diffusion import timesteps
 
     sched = prior.schedule
     g = torch.Generator().manual_seed(seed)
@@ -148,7 +148,7 @@ def save_grid(x: torch.Tensor, path: Path, ncol: int, scale: int = 2, pad: int =
 
 # ---------------------------------------------------------------------------------------------- reporting
 def training_record(prior, log_path: Path) -> dict:
-    from .checkpoint import read_json_metadata
+    from reddiff.core.checkpoint import read_json_metadata
 
     rec = {"train_info": None, "log_last": None, "log_first": None}
     if prior.path.suffix == ".safetensors":
@@ -212,8 +212,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from .priors.unet import UNetPrior
-    from .weights import sha256sum
+    from reddiff.priors.unet import UNetPrior
+    from reddiff.core.weights import sha256sum
 
     t_start = time.time()
     prior = UNetPrior(a.weights, arch=a.arch, verify=not a.no_verify, device="cpu")
@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
     print(f"wrote {out} ({a.samples} DDIM samples, {a.ddim_steps} steps, {t_samp:.0f} s)")
     card = Path(a.card) if a.card else None
     rel = os.path.relpath(out.resolve(), card.resolve().parent) if card else str(out)
-    cmd = "python -m reddiff.eval_prior" + ("" if a.weights == "embedded64" else f" --weights {a.weights}")
+    cmd = "python -m reddiff.priors.training.evaluate" + ("" if a.weights == "embedded64" else f" --weights {a.weights}")
     res = {"command": cmd, "threads": a.threads, "weights_file": str(prior.path.relative_to(ROOT) if prior.path.is_relative_to(ROOT) else prior.path),
            "sha256": sha256sum(prior.path), "params": prior.nparams, "images": src, "image_ids": ids, "seed": a.seed,
            "denoise": den, "samples": {"n": a.samples, "steps": a.ddim_steps, "seconds": t_samp, "path": str(out),

@@ -14,7 +14,7 @@ from functools import lru_cache
 def _table() -> dict:
     from omegaconf import OmegaConf
 
-    from .registry import conf_dir
+    from reddiff.registry import conf_dir
 
     raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / "anchors.yaml"))
     src = raw["sources"]

@@ -22,7 +22,7 @@ import math
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .errors import UserError
+from reddiff.core.errors import UserError
 
 log = logging.getLogger("reddiff")
 
@@ -57,7 +57,7 @@ def tune_node(name: str, space: dict) -> dict:
 
 def tunable() -> dict[str, dict]:
     """``{sampler: tune_space}`` for every registry sampler that declares a space (import errors are skipped)."""
-    from .registry import sampler_class, sampler_names
+    from reddiff.registry import sampler_class, sampler_names
 
     out = {}
     for name in sampler_names():
@@ -132,7 +132,7 @@ def apply_tuned(cfg: DictConfig) -> DictConfig:
     tuned = cfg.get("tuned")
     if not tuned or "table" not in tuned:
         return cfg
-    from .provenance import job_identity
+    from reddiff.store.provenance import job_identity
 
     ident = job_identity(cfg)
     if tuned.get("prior") and ident["prior"] and str(tuned.prior) != str(ident["prior"]):

@@ -1,7 +1,7 @@
 """Intervals that respect how the images were drawn, and paired comparisons between samplers.
 
 The 12 demo images are 3 photos x 4 crops: crops of one photo are not independent draws, so the naive interval
-(``1.96 * sd / sqrt(12)``, :func:`reddiff.aggregate.mean_ci95`) overstates precision.  Here the unit of replication
+(``1.96 * sd / sqrt(12)``, :func:`reddiff.store.aggregate.mean_ci95`) overstates precision.  Here the unit of replication
 is the source photo (:func:`cluster_of`): the default interval (``cluster_t``) is a Student-t interval over the
 per-photo means, ``mean(m_g) +- t_{G-1, 0.975} * sd(m_g) / sqrt(G)`` with ``G`` photos.  With 3 photos that has
 2 degrees of freedom (t = 4.30): wide, and honest about how little 3 photos say.  ``cluster_bootstrap``
@@ -27,8 +27,8 @@ LEVEL = 0.95
 
 
 def _photo_prefixes() -> tuple[tuple[str, ...], frozenset]:
-    from .data.make_demo import DEMO_IDS, HELD_OUT
-    from .data.tune import PHOTO, TUNE_IDS
+    from reddiff.data.make_demo import DEMO_IDS, HELD_OUT
+    from reddiff.data.tune import PHOTO, TUNE_IDS
 
     return tuple(HELD_OUT) + (PHOTO,), frozenset(DEMO_IDS) | frozenset(TUNE_IDS)
 

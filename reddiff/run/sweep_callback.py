@@ -1,5 +1,5 @@
 """Hydra callback of every multirun: at the end of the sweep, write ``table.md``/``table.csv`` in the sweep dir
-(:mod:`reddiff.tables`), the experiment presets' plots (:mod:`reddiff.plots`) and the W&B table run.  Kept apart
+(:mod:`reddiff.report.tables`), the experiment presets' plots (:mod:`reddiff.report.plots`) and the W&B table run.  Kept apart
 from both so that tables and plots do not import each other."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from .tables import build_rows, collect, write_tables
+from reddiff.report.tables import build_rows, collect, write_tables
 
 
 class SweepTableCallback(Callback):
@@ -24,14 +24,14 @@ class SweepTableCallback(Callback):
         cmd = "python run.py -m " + " ".join(config.hydra.overrides.task)
         md = write_tables(root, cmd)
         print(f"\n[reddiff] sweep table ({root}/table.md):\n{md}")
-        if config.get("experiment_name"):  # experiment presets: plots next to the tables (reddiff.plots)
+        if config.get("experiment_name"):  # experiment presets: plots next to the tables (reddiff.report.plots)
             try:
-                from .plots import make_plots
+                from reddiff.report.plots import make_plots
 
                 for p in make_plots(root):
                     print(f"[reddiff] plot: {p}")
             except Exception as e:  # noqa: BLE001 - plotting never fails the sweep
-                print(f"[reddiff] plots not written: {e}; run: python -m reddiff.plots {root}", file=sys.stderr)
+                print(f"[reddiff] plots not written: {e}; run: python -m reddiff.report.plots {root}", file=sys.stderr)
         try:
             _log_wandb_table(root, config)
         except Exception as e:  # noqa: BLE001 - logging never fails the sweep

@@ -59,7 +59,7 @@ class WeightSpec:
         if self.env and os.environ.get(self.env):
             out.append(Path(os.path.expanduser(os.environ[self.env])))
         if self.cache == "package":
-            out.append(Path(__file__).parent / (self.package_path or self.filename))
+            out.append(Path(__file__).parents[1] / (self.package_path or self.filename))  # reddiff/
         if self.cache == "torch_hub":
             out.append(torch_hub_dir() / self.filename)
         out.append(reddiff_home() / self.filename)
@@ -226,15 +226,15 @@ _TV = "https://download.pytorch.org/models/"
 # 983e3de6... was the secondary model's hash, copied by mistake).
 ADM_IMAGENET256_UNCOND_SHA256 = "a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1"
 # 256x256_diffusion.pt, 256x256_classifier.pt, ffhq_10m.pt: no public sha256 found -> unpinned.
-# embedded64: pinned by the lead once training has finished, with `python -m reddiff.weights pin embedded64`
+# embedded64: pinned by the lead once training has finished, with `python -m reddiff.core.weights pin embedded64`
 # (rewrites the next line with the file's digest; see pin_embedded()).
 EMBEDDED64_SHA256: Optional[str] = "fa4db465884908bd15a5a9b765eb496502048076cec0aba36857e7bc3be0dac4"
 
 register(WeightSpec("embedded64", "embedded64.safetensors", "embedded 64x64 ADM-style prior (trained by this project)",
                     cache="package", package_path="assets/embedded64.safetensors", sha256=EMBEDDED64_SHA256,
                     env="REDDIFF_EMBEDDED",
-                    manual="train it: python -m reddiff.train_prior --out runs/prior "
-                           "--export reddiff/assets/embedded64.safetensors (see reddiff/train_prior.py)",
+                    manual="train it: python -m reddiff.priors.training.train --out runs/prior "
+                           "--export reddiff/assets/embedded64.safetensors (see reddiff/priors/training/train.py)",
                     used_by="prior=embedded"))
 register(WeightSpec("adm_imagenet256_uncond", "256x256_diffusion_uncond.pt", "ADM ImageNet-256 unconditional (552.8M)",
                     url=_OPENAI + "256x256_diffusion_uncond.pt", sha256=ADM_IMAGENET256_UNCOND_SHA256,
@@ -304,21 +304,21 @@ def _main(argv=None) -> None:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m reddiff.weights", description="weights registry helpers")
+    p = argparse.ArgumentParser(prog="python -m reddiff.core.weights", description="weights registry helpers")
     sub = p.add_subparsers(dest="cmd", required=True)
-    pin = sub.add_parser("pin", help="pin the sha256 of the embedded prior in reddiff/weights.py")
+    pin = sub.add_parser("pin", help="pin the sha256 of the embedded prior in reddiff/core/weights.py")
     pin.add_argument("name", choices=["embedded64"])
     pin.add_argument("--path", default=None, help="file to pin (default: the registry's location)")
     sub.add_parser("status", help="list every known file")
     a = p.parse_args(argv)
     if a.cmd == "pin":
         path = Path(a.path) if a.path else REGISTRY["embedded64"].find()
-        from .checkpoint import read_json_metadata
+        from reddiff.core.checkpoint import read_json_metadata
 
         info = read_json_metadata(path, "train_info") if path else None
         digest = pin_embedded(path)
         print(f"pinned embedded64 = {digest}\n  file: {path}\n  train_info: {json.dumps(info)}\n"
-              f"  review and commit reddiff/weights.py")
+              f"  review and commit reddiff/core/weights.py")
     else:
         for row in status_rows():
             print(f"{row['name']:28s} {row['state']:28s} {row['path']}")

@@ -2,11 +2,11 @@
 
 Outputs in the job dir (README, "What a job writes"): ``metrics.csv`` (one row per image), ``summary.json``,
 ``grid.png``, restored PNGs under ``images/``, per-image features under ``features/`` (for set-level metrics
-merged across shards or resumed runs), ``fingerprint.json`` and ``inputs.json`` (:mod:`reddiff.jobdir`).
+merged across shards or resumed runs), ``fingerprint.json`` and ``inputs.json`` (:mod:`reddiff.store.jobdir`).
 
 Order of work: lock the folder, build everything (bad input fails here, before any sampling), bind the folder
-to the configuration's fingerprint, then run the fixed batches (:mod:`reddiff.batch_loop`).  Every user-facing
-failure is a :class:`~reddiff.errors.UserError` (one line, exit code 2); rows already written are kept.
+to the configuration's fingerprint, then run the fixed batches (:mod:`reddiff.run.batch_loop`).  Every user-facing
+failure is a :class:`~reddiff.core.errors.UserError` (one line, exit code 2); rows already written are kept.
 The pieces live in their own modules and are re-exported here for callers of the old single module.
 """
 from __future__ import annotations
@@ -21,16 +21,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .aggregate import aggregate_rows, compute_metrics, mean_ci95, summarize  # noqa: F401 - re-exported
-from .batch_loop import MEASUREMENT_SEED_OFFSET, DivergenceMonitor, Sink, run_batches  # noqa: F401
-from .errors import ResolutionMismatchError, UserError
-from .formatting import fmt_metric, one_line  # noqa: F401 - re-exported
-from .images import save_png, to_uint8, write_grid, write_job_grid  # noqa: F401 - re-exported
-from .jobdir import InputsLog, JobLock, bind, fingerprint
-from .operators.base import OperatorCapabilityError
-from .provenance import git_commit, hydra_info, job_identity, peak_rss_mb, versions  # noqa: F401
-from .results import ResultStore, atomic_write_text
-from .rng import BatchRNG
+from reddiff.store.aggregate import aggregate_rows, compute_metrics, mean_ci95, summarize  # noqa: F401 - re-exported
+from reddiff.run.batch_loop import MEASUREMENT_SEED_OFFSET, DivergenceMonitor, Sink, run_batches  # noqa: F401
+from reddiff.core.errors import ResolutionMismatchError, UserError
+from reddiff.store.formatting import fmt_metric, one_line  # noqa: F401 - re-exported
+from reddiff.store.images import save_png, to_uint8, write_grid, write_job_grid  # noqa: F401 - re-exported
+from reddiff.store.jobdir import InputsLog, JobLock, bind, fingerprint
+from reddiff.operators.base import OperatorCapabilityError
+from reddiff.store.provenance import git_commit, hydra_info, job_identity, peak_rss_mb, versions  # noqa: F401
+from reddiff.store.results import ResultStore, atomic_write_text
+from reddiff.core.rng import BatchRNG
 
 log = logging.getLogger("reddiff")
 
@@ -95,7 +95,7 @@ def prepare_data(cfg: DictConfig, prior, ident: dict, resolved: dict):
 
 
 def weights_record(prior) -> tuple[dict, str | None]:
-    from . import weights as W
+    from reddiff.core import weights as W
 
     path = getattr(prior, "path", None)
     files = dict(W.LOADED)

@@ -1,4 +1,4 @@
-"""Figure helpers shared by the sweep plots (:mod:`reddiff.plots`): the Agg backend, atomic saving, and the sample
+"""Figure helpers shared by the sweep plots (:mod:`reddiff.report.plots`): the Agg backend, atomic saving, and the sample
 grid (ground truth | measurement | each job's restoration), read back from the job dirs' PNGs."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from .results import safe_name
+from reddiff.store.results import safe_name
 
 
 def _plt():
@@ -33,7 +33,7 @@ def _ground_truth(jobs: list[dict], ids: list[str]) -> dict[str, np.ndarray]:
     """Ground-truth images, re-loaded through the job's data config (skipped when the data is not here)."""
     from hydra.utils import instantiate
 
-    from .images import to_uint8
+    from reddiff.store.images import to_uint8
 
     for j in jobs:
         data = (j.get("config") or {}).get("data")
@@ -54,7 +54,7 @@ def plot_grid(jobs: list[dict], out: Path, rows: int = 4, max_cols: int = 16,
     gives the column titles."""
     from PIL import Image
 
-    from .results import read_rows
+    from reddiff.store.results import read_rows
 
     jobs = [j for j in jobs if j["dirs"]]
     if not jobs:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .results import atomic_write_bytes, safe_name
+from reddiff.store.results import atomic_write_bytes, safe_name
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
