@@ -24,6 +24,8 @@ class Schedule:
         self.alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)
         # index 0 of the padded table is t = -1 (alpha_bar = 1)
         self._padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar])
+        #: the VE noise level of each step, sqrt((1 - a_t) / a_t) (increasing)
+        self.sigmas = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
 
     def alpha_bar_at(self, t, like: torch.Tensor | None = None) -> torch.Tensor:
         """alpha_bar for an int or an integer tensor ``t`` (``-1`` allowed); dtype/device of ``like``."""
@@ -32,6 +34,27 @@ class Schedule:
         if like is not None:
             a = a.to(device=like.device, dtype=like.dtype)
         return a
+
+    def sigma_at(self, t) -> torch.Tensor:
+        """``sigma_t = sqrt((1 - a_t) / a_t)`` (float64) at integer or real ``t`` in ``[0, T-1]`` (the log-sigma
+        interpolation of :meth:`t_of_sigma` between grid points; exact table values on the grid)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        k = t.floor().clamp(0, self.T - 2)
+        frac = t - k
+        logs = self.sigmas.log()
+        k = k.long()
+        mid = torch.exp(logs[k] + frac * (logs[k + 1] - logs[k]))
+        return torch.where(frac == 0, self.sigmas[k], torch.where(frac == 1, self.sigmas[k + 1], mid))
+
+    def t_of_sigma(self, sigma) -> torch.Tensor:
+        """The continuous time input of a network trained on this grid at noise level ``sigma`` (float64): linear in
+        ``log sigma`` between grid points, so exactly ``t`` at ``sigma_t``; clamped to ``[0, T-1]`` outside the grid
+        (sigma below ``sigma_0`` or above ``sigma_{T-1}``)."""
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        logs = self.sigmas.log()
+        ls = s.clamp(float(self.sigmas[0]), float(self.sigmas[-1])).log()
+        k = (torch.searchsorted(logs, ls.reshape(-1), right=True) - 1).clamp(0, self.T - 2).reshape(ls.shape)
+        return k.to(torch.float64) + (ls - logs[k]) / (logs[k + 1] - logs[k])
 
     def sigma_over_alpha(self, t) -> torch.Tensor:
         """sqrt(1 - alpha_bar) / sqrt(alpha_bar): the inverse SNR that RED-diff weights by."""

@@ -37,8 +37,8 @@ class GaussianPrior(Prior):
     name = "gaussian"
 
     def __init__(self, dim: int | None = None, shape: Sequence[int] | None = None, mean=None, cov=None,
-                 schedule=None):
-        super().__init__(schedule)
+                 schedule=None, dialect: str = "vp_discrete"):
+        super().__init__(schedule, dialect)
         if shape is None:
             if dim is None:
                 if mean is not None:
@@ -80,12 +80,13 @@ class GaussianPrior(Prior):
                 raise ValueError(f"GaussianPrior: cov must be (n,) or (n, n) with n = {n}, got {tuple(c.shape)}")
 
     # ------------------------------------------------------------------ exact epsilon
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _eps_alpha(self, x_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Exact epsilon at ``alpha_bar = a`` (``(B,)``, any value in (0, 1]), in the dtype of ``x_t``."""
         B = x_t.shape[0]
         x = x_t.reshape(B, -1)
         if x.shape[1] != self.n:
             raise ValueError(f"GaussianPrior of shape {self.shape} got x_t of shape {tuple(x_t.shape)}")
-        a = self.alpha_bar(t, x).reshape(B, 1)
+        a = a.to(x).reshape(B, 1)
         mean = self.mean.to(x)
         r = x - a.sqrt() * mean
         if self.full:

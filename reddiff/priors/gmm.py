@@ -85,8 +85,9 @@ class GaussianMixturePrior(Prior):
 
     name = "gmm"
 
-    def __init__(self, means, weights=None, covs=None, schedule: Optional[Schedule] = None):
-        super().__init__(schedule)
+    def __init__(self, means, weights=None, covs=None, schedule: Optional[Schedule] = None,
+                 dialect: str = "vp_discrete"):
+        super().__init__(schedule, dialect)
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
             raise ValueError(f"means must be (K, d), got shape {tuple(means.shape)}")
@@ -194,13 +195,16 @@ class GaussianMixturePrior(Prior):
         logp = -0.5 * (z * z / c).sum(-1) - 0.5 * torch.log(c).sum(-1) - 0.5 * self.d * _LOG_2PI
         return logp, (z, c)
 
-    def _prep(self, x_t: torch.Tensor, t):
-        t = self._t(t, x_t)
-        a = self.schedule.alpha_bar_at(t.cpu()).to(device=x_t.device, dtype=torch.float64)
+    def _flat(self, x_t: torch.Tensor) -> torch.Tensor:
         x = x_t.reshape(x_t.shape[0], -1)
         if x.shape[1] != self.d:
             raise ValueError(f"expected samples of dimension {self.d}, got shape {tuple(x_t.shape)}")
-        return x, a
+        return x
+
+    def _prep(self, x_t: torch.Tensor, t):
+        t = self._t(t, x_t)
+        a = self.schedule.alpha_bar_at(t.cpu()).to(device=x_t.device, dtype=torch.float64)
+        return self._flat(x_t), a
 
     def log_marginal(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """``log p(x_t)`` under the VP forward process, ``(B,)`` float64."""
@@ -214,8 +218,10 @@ class GaussianMixturePrior(Prior):
         logp, _ = self._component_terms(x, a, exact_norm=False)
         return torch.softmax(self.log_weights[None] + logp, dim=-1)
 
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x, a = self._prep(x_t, t)
+    def _eps_alpha(self, x_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Exact epsilon at ``alpha_bar = a`` (``(B,)`` float64), any value in (0, 1]: every dialect's noise level."""
+        x = self._flat(x_t)
+        a = a.to(device=x_t.device, dtype=torch.float64)
         logp, aux = self._component_terms(x, a, exact_norm=False)
         r = torch.softmax(self.log_weights[None] + logp, dim=-1)  # (B, K) float64
         sa, s1 = a.sqrt(), (1 - a).sqrt()

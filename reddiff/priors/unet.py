@@ -159,8 +159,8 @@ class UNetPrior(Prior):
     def __init__(self, weights: Union[str, Path] = "embedded64", arch=None, verify: bool = True,
                  device: Union[str, torch.device] = "cpu", dtype="float32", channels_last: bool = False,
                  autocast: Union[bool, str] = False, compile: bool = False, class_labels=None,
-                 key: Optional[str] = None, schedule: Optional[Schedule] = None):
-        super().__init__(schedule)
+                 key: Optional[str] = None, schedule: Optional[Schedule] = None, dialect: str = "vp_discrete"):
+        super().__init__(schedule, dialect)
         weights = str(weights)
         self.weights_name = weights if weights in W.REGISTRY else None
         if not verify:
@@ -231,7 +231,9 @@ class UNetPrior(Prior):
             dt = _dtype(self.autocast)
         return torch.autocast(device.type, dtype=dt)
 
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _eps_time(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network at time input ``t``: the integer steps it was trained on, or a real t between them (its
+        sinusoidal time embedding is continuous) in the other dialects."""
         if tuple(x_t.shape[1:]) != self.shape:
             raise ValueError(f"{self.name} expects samples of shape (B, {', '.join(map(str, self.shape))}), "
                              f"got {tuple(x_t.shape)}")

@@ -32,6 +32,9 @@ EXCLUDE = ("resume", "progress", "device", "save_images", "grid_images", "logger
            "archive", "sweep_grid", "task.hparams", "prior.device", "metrics.device", "metrics.ref_cache",
            "metrics.ref_cache_dir")
 SHARD_KEYS = ("data.shard", "data.num_shards")
+#: keys added after results were made, at the value that reproduces those results: left out of the fingerprint at
+#: that value, so folders made before the key existed still resume
+DEFAULTS_BEFORE = {"prior.dialect": '"vp_discrete"'}
 FINGERPRINT = "fingerprint.json"
 RESULT_FILES = ("metrics.csv", "summary.json", "features", "images", "grid.png", "inputs.json", FINGERPRINT,
                 "error.txt")
@@ -52,7 +55,7 @@ def _excluded(key: str) -> bool:
 
 def fingerprint(resolved: dict, weights_sha256: Optional[str] = None) -> dict:
     """``{"values": {dotted key: json value}, "merge_key": sha256 without the sharding keys}``."""
-    values = {k: v for k, v in _flatten(resolved).items() if not _excluded(k)}
+    values = {k: v for k, v in _flatten(resolved).items() if not _excluded(k) and DEFAULTS_BEFORE.get(k) != v}
     if weights_sha256 is not None:
         values["prior.weights_sha256"] = json.dumps(weights_sha256)
     merge = {k: v for k, v in values.items() if k not in SHARD_KEYS}
