@@ -59,6 +59,9 @@ class Sampler:
     #: where the method is exact for a Gaussian prior and a linear-Gaussian measurement: settings and tolerances
     #: ``{"overrides": {...}, "mean_tol": float, "cov_tol": float}`` (relative errors), checked by the generic tests
     exact_gaussian: Optional[dict] = None
+    #: the prior dialects (reddiff/priors/dialects.py) the method is defined on; ``None``: every one (a sampler on the
+    #: discrete VP grid runs on any prior evaluated at the grid's sigmas)
+    dialects: Optional[tuple] = None
     #: timestep spacing passed to :func:`reddiff.core.diffusion.timesteps` (the compat profile may change it)
     spacing: str = "default"
     log_every: int = 10
@@ -69,7 +72,12 @@ class Sampler:
             operator.require(cap, self.name)
 
     def check_prior(self, prior) -> None:
-        """Refuse, before any sampling, a step count the prior's schedule cannot provide."""
+        """Refuse, before any sampling, a prior dialect the method is not defined on or a step count the prior's
+        schedule cannot provide."""
+        dialect = getattr(prior, "dialect", "vp_discrete")
+        if self.dialects is not None and dialect not in self.dialects:
+            raise ValueError(f"{self.name}: runs on the {' / '.join(self.dialects)} dialect of a prior; prior.dialect="
+                             f"{dialect} is not one (set prior.dialect={self.dialects[0]})")
         steps = getattr(self, "steps", None)
         T = prior.schedule.T
         if steps is not None and not 1 <= int(steps) <= T:
