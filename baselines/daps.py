@@ -49,6 +49,10 @@ class LikelihoodNoiseError(UserError, ValueError):
     one line, exit code 2, before any image is processed)."""
 
 
+#: how DAPS evaluates the prior at its noise levels (``time_input``; the official is ``vp_continuous``)
+TIME_INPUTS = ("grid", "continuous", "vp_continuous")
+
+
 def ve_sigmas(schedule) -> torch.Tensor:
     """``sigma_t = sqrt((1 - a_t) / a_t)`` for ``t = 0..T-1`` (float64, increasing)."""
     a = schedule.alpha_bar
@@ -171,6 +175,11 @@ class DAPS(Sampler):
             :func:`ula_gaussian`; the same distribution, not the same random numbers) or ``"auto"`` (closed form
             where the operator has an SVD, else the loop).
         spacing: accepted for the compat profile; DAPS uses sigma grids, not strided timesteps.
+        time_input: how the prior is evaluated at DAPS's noise levels: ``"grid"`` (ours: every level snapped to the
+            nearest discrete ``sigma_t``, the network at its integer t), ``"continuous"`` (the levels as they are,
+            ``prior.denoise`` in the prior's own dialect) or ``"vp_continuous"`` (the official: the levels as they
+            are, an epsilon network fed EDM ``VPPrecond``'s ``999 sigma_inv(sigma)``, ``model/precond.py:48-56``;
+            ``compat.daps_time_input``).
         log_every: callback every ``log_every`` annealing levels and at the last one.
     """
 
@@ -199,8 +208,11 @@ class DAPS(Sampler):
     def __init__(self, steps: int = 200, ode_steps: int = 5, sigma_max: float = 100.0, sigma_min: float = 0.1,
                  ode_sigma_min: float = 0.01, poly: float = 7.0, langevin_steps: int = 100, lr=1e-4,
                  lr_min_ratio: float = 0.01, tau=0.01, mcmc: str = "langevin", langevin_impl: str = "auto",
-                 spacing: str = "default", log_every: int = 10):
+                 spacing: str = "default", time_input: str = "grid", log_every: int = 10):
         self.steps = validate_steps("daps", steps)
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"daps: time_input must be one of {', '.join(TIME_INPUTS)}, got {time_input!r}")
+        self.time_input = time_input
         self.ode_steps = validate_steps("daps (ode_steps)", ode_steps)
         if isinstance(langevin_steps, bool) or not isinstance(langevin_steps, int) or langevin_steps < 0:
             raise ValueError(f"daps: langevin_steps must be an integer >= 0, got {langevin_steps!r}")
@@ -244,6 +256,10 @@ class DAPS(Sampler):
         if self.sigma_max > float(sig[-1]) * 1.01:
             raise ValueError(f"daps: sigma_max={self.sigma_max:g} exceeds the prior's largest noise level "
                              f"{float(sig[-1]):.4g}")
+        if self.time_input != "grid":  # the levels as they are: t = -1 marks "no grid step"
+            grid = poly_grid(self.sigma_max, self.sigma_min, self.steps + 1, self.poly)[:-1]
+            return [(-1, s, [(-1, p) for p in poly_grid(s, self.ode_sigma_min, self.ode_steps + 1, self.poly)],
+                     grid[k + 1] if k + 1 < len(grid) else 0.0) for k, s in enumerate(grid)]
         levels = [snap(s, sig) for s in poly_grid(self.sigma_max, self.sigma_min, self.steps + 1, self.poly)[:-1]]
         out = []
         for k, t in enumerate(levels):
@@ -261,7 +277,13 @@ class DAPS(Sampler):
 
     # ------------------------------------------------------------------ sampling
     def _ode(self, x, pts, prior):
-        """Euler steps of the PF-ODE in VE coordinates through the snapped points (one network call each)."""
+        """Euler steps of the PF-ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` in VE coordinates through the points
+        (one network call each): at the snapped grid steps, or at the levels themselves (``time_input``)."""
+        if self.time_input != "grid":
+            dialect = None if self.time_input == "continuous" else self.time_input
+            for (_, s), (_, s_next) in zip(pts[:-1], pts[1:]):
+                x = x + (s_next - s) * (x - prior.denoise(x, s, dialect=dialect)) / s
+            return x
         for (t, s), (_, s_next) in zip(pts[:-1], pts[1:]):
             a = float(prior.schedule.alpha_bar_at(t))
             eps = prior.eps(math.sqrt(a) * x, t)

@@ -16,9 +16,10 @@ Gibbs sampling of ``pi_rho(x, z) ~ p(x) N(z; x, rho^2 I) p(y | z)`` with ``rho``
 
 VP to VE (our priors are VP, eps-prediction, DDPM schedule), exactly: ``sigma_t = sqrt((1 - a_t) / a_t)``,
 ``x_VE = x_VP / sqrt(a_t)``, same ``eps``, ``D(x, sigma_t) = x - sigma_t eps(sqrt(a_t) x, t)``.  Every noise level
-(``rho_i`` and the EDM grid) is snapped to the nearest discrete ``sigma_t`` in log scale, as the official
-``net.round_sigma`` does for discrete networks (``denoiser_edm.py:123``), and ``rho_i`` is the snapped value in both
-steps.  Differences: the prior step starts at ``rho_i`` itself (official: at the first grid level below rho, while
+(``rho_i`` and the EDM grid) is snapped to the nearest discrete ``sigma_t`` in log scale and ``rho_i`` is the
+snapped value in both steps.  This is ours, not the official: the official ``round_sigma`` is the identity and the
+network sees EDM ``VPPrecond``'s ``999 sigma_inv(sigma)`` at the level as it is (``time_input="vp_continuous"``,
+``compat.pnpdm_time_input``; docs/DIFFERENCES.md).  Further differences: the prior step starts at ``rho_i`` itself (official: at the first grid level below rho, while
 ``z`` has noise level rho), and its last step to sigma = 0 is the plain denoiser ``D(x, sigma)`` in both modes
 (official ``sde``: the ``lambda = 2`` drift also there, negligible at its sigma_min = 0.002).  The last ``x`` is
 returned (the official "one sample" statistic, ``posterior_sample.py:118``).
@@ -34,7 +35,8 @@ from typing import Callable, Optional
 
 import torch
 
-from baselines.daps import LikelihoodNoiseError, data_grad, gaussian_conditional, poly_grid, snap, ve_sigmas
+from baselines.daps import (TIME_INPUTS, LikelihoodNoiseError, data_grad, gaussian_conditional, poly_grid, snap,
+                            ve_sigmas)
 from reddiff.operators.base import SVDOperator
 from reddiff.samplers.base import Sampler, validate_steps
 
@@ -61,6 +63,10 @@ class PnPDM(Sampler):
             noiseless tasks get a finite likelihood (0.01, unverified: the official runs always have noise).
         init: ``"pinv"`` (``operator.pinv(y)``, official ``LinearSVDOperator.initialize``) or ``"zeros"``.
         spacing: accepted for the compat profile; PnP-DM uses sigma grids, not strided timesteps.
+        time_input: ``"grid"`` (ours: every level snapped to the prior's discrete ``sigma_t``), ``"continuous"`` or
+            ``"vp_continuous"`` (the levels as they are through ``prior.denoise``; the latter with EDM ``VPPrecond``'s
+            ``999 sigma_inv(sigma)``, the official ``models/edm/edm.py:35-62`` with ``round_sigma`` the identity;
+            ``compat.pnpdm_time_input``), as :class:`baselines.daps.DAPS`.
         log_every: callback every ``log_every`` iterations and at the last one.
     """
 
@@ -89,8 +95,12 @@ class PnPDM(Sampler):
     def __init__(self, steps: int = 100, rho: float = 10.0, rho_decay: float = 0.9, rho_min: float = 0.3,
                  mode: str = "sde", denoise_steps: int = 100, sigma_max: float = 80.0, sigma_min: float = 0.002,
                  poly: float = 7.0, likelihood: str = "auto", langevin_steps: int = 100, lr: float = 1e-4,
-                 sigma_floor: float = 0.01, init: str = "pinv", spacing: str = "default", log_every: int = 10):
+                 sigma_floor: float = 0.01, init: str = "pinv", spacing: str = "default", time_input: str = "grid",
+                 log_every: int = 10):
         self.steps = validate_steps("pnpdm", steps)
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"pnpdm: time_input must be one of {', '.join(TIME_INPUTS)}, got {time_input!r}")
+        self.time_input = time_input
         self.rho = _positive("rho", rho)
         self.rho_min = _positive("rho_min", rho_min)
         self.rho_decay = _positive("rho_decay", rho_decay)
@@ -130,6 +140,13 @@ class PnPDM(Sampler):
         """Per iteration ``(t_rho, rho_i, pts)``: the snapped coupling level and the prior step's points
         ``[(t_rho, rho_i), (t, sigma) below rho_i ..., (-1, 0.0)]`` (one network call per consecutive pair)."""
         sig = ve_sigmas(prior.schedule)
+        if self.time_input != "grid":  # the levels as they are (t = -1: no grid step)
+            levels = poly_grid(min(self.sigma_max, float(sig[-1])), self.sigma_min, self.denoise_steps, self.poly)
+            out = []
+            for i in range(self.steps):
+                r = max(self.rho * self.rho_decay ** i, self.rho_min)
+                out.append((-1, r, [(-1, r)] + [(-1, s) for s in levels if s < r] + [(-1, 0.0)]))
+            return out
         grid = []
         for s in poly_grid(min(self.sigma_max, float(sig[-1])), max(self.sigma_min, float(sig[0])),
                            self.denoise_steps, self.poly):
@@ -158,9 +175,13 @@ class PnPDM(Sampler):
 
     def _prior_step(self, z, pts, prior, rng):
         x = z
+        dialect = None if self.time_input in ("grid", "continuous") else self.time_input
         for (t, s), (_, s_next) in zip(pts[:-1], pts[1:]):
-            a = float(prior.schedule.alpha_bar_at(t))
-            eps = prior.eps(math.sqrt(a) * x, t)
+            if self.time_input == "grid":
+                a = float(prior.schedule.alpha_bar_at(t))
+                eps = prior.eps(math.sqrt(a) * x, t)
+            else:
+                eps = (x - prior.denoise(x, s, dialect=dialect)) / s
             if s_next == 0.0:
                 x = x - s * eps                                  # D(x, sigma): the last step
             elif self.mode == "ode":

@@ -200,3 +200,48 @@ def test_per_item_tau_on_images_batch_equals_loop(mcmc, impl):
     both = run([0, 1], [0.1, 0.3], [1e-4, 3e-4])
     alone = torch.cat([run([0], [0.1], [1e-4]), run([1], [0.3], [3e-4])])
     assert torch.allclose(both, alone, atol=1e-5) and not torch.allclose(both[0], both[1])
+
+
+# ------------------------------------------------------------------------------------------ network time input
+class _ToyEps(GaussianPrior):
+    """An epsilon 'network' that depends on its time input, so the time-input convention is visible."""
+
+    def _eps_time(self, x_t, tau):
+        return 0.3 * x_t + 1e-3 * torch.as_tensor(tau, dtype=x_t.dtype).reshape(-1, 1)
+
+
+def test_official_time_input_is_vpprecond_at_the_levels_as_they_are():
+    """compat.daps_time_input=vp_continuous: the ODE points are DAPS's own sigma levels (no snapping) and the
+    network sees EDM VPPrecond's c_noise = 999 sigma_inv(sigma), c_in = 1/sqrt(1 + sigma^2), D = x - sigma F
+    (DAPS model/precond.py:48-51, 67-69); one Euler step x + (s' - s)(x - D)/s, computed here from that formula."""
+    prior = _ToyEps(dim=3)
+    d = DAPS(steps=4, ode_steps=2, sigma_max=20.0, sigma_min=0.5, ode_sigma_min=0.05, time_input="vp_continuous")
+    plan = d.plan(prior)
+    assert [s for _, s, _, _ in plan] == poly_grid(20.0, 0.5, 5, 7.0)[:-1]  # not snapped
+    _, s0, pts, _ = plan[0]
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = x.clone()
+    for (_, s), (_, s1) in zip(pts[:-1], pts[1:]):
+        c_noise = 999 * (math.sqrt(0.1 ** 2 + 2 * 19.9 * math.log(1 + s * s)) - 0.1) / 19.9
+        F = 0.3 * ref / math.sqrt(1 + s * s) + 1e-3 * c_noise
+        D = ref - s * F
+        ref = ref + (s1 - s) * (ref - D) / s
+    prior.reset_nfe()
+    got = d._ode(x, pts, prior)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    assert prior.nfe == len(pts) - 1
+    grid = DAPS(steps=4, ode_steps=2, sigma_max=20.0, sigma_min=0.5, ode_sigma_min=0.05)
+    assert not torch.allclose(grid._ode(x, grid.plan(prior)[0][2], prior), ref, atol=1e-4)  # ours snaps
+
+
+def test_time_input_is_validated_and_counted():
+    with pytest.raises(ValueError, match="time_input must be one of grid, continuous, vp_continuous"):
+        DAPS(time_input="edm")
+    prior = _ToyEps(dim=3)
+    op = MatrixOperator(torch.eye(2, 3, dtype=torch.float64), sigma_y=0.1)
+    y = torch.zeros(2, 2, dtype=torch.float64)
+    for ti in ("continuous", "vp_continuous"):
+        d = DAPS(steps=5, ode_steps=3, langevin_steps=2, lr=1e-3, tau=None, time_input=ti)
+        prior.reset_nfe()
+        d.sample(y, op, prior, BatchRNG([0, 1]))
+        assert prior.nfe == d.expected_nfe(prior) == 15

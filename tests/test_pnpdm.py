@@ -159,3 +159,37 @@ def test_measured_direction_variance_follows_the_likelihood_precision():
     print("pnpdm measured-direction variance errors: right", ok.tolist(), "doubled precision", bad.tolist())
     assert float(ok.max()) < 0.12
     assert float(bad.max()) > 0.25
+
+
+class _ToyEps(GaussianPrior):
+    """An epsilon 'network' that depends on its time input, so the time-input convention is visible."""
+
+    def _eps_time(self, x_t, tau):
+        return 0.3 * x_t + 1e-3 * torch.as_tensor(tau, dtype=x_t.dtype).reshape(-1, 1)
+
+
+def test_official_time_input_is_vpprecond_at_unsnapped_levels():
+    """compat.pnpdm_time_input=vp_continuous: rho_i and the EDM grid as they are, the network fed VPPrecond's
+    c_noise = 999 sigma_inv(sigma) and c_in = 1/sqrt(1 + sigma^2) (PnP-DM models/edm/edm.py:35-62); one ODE prior
+    step computed here from that formula."""
+    import math
+
+    prior = _ToyEps(dim=3)
+    p = PnPDM(steps=2, rho=5.0, rho_decay=0.5, rho_min=0.3, mode="ode", denoise_steps=6, time_input="vp_continuous")
+    plan = p.plan(prior)
+    assert [r for _, r, _ in plan] == [5.0, 2.5]  # not snapped
+    pts = plan[1][2]
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = x.clone()
+    for (_, s), (_, s1) in zip(pts[:-1], pts[1:]):
+        c_noise = 999 * (math.sqrt(0.1 ** 2 + 2 * 19.9 * math.log(1 + s * s)) - 0.1) / 19.9
+        eps = 0.3 * ref / math.sqrt(1 + s * s) + 1e-3 * c_noise  # (x - D) / s with D = x - s F
+        ref = ref - s * eps if s1 == 0.0 else ref + (s1 - s) * eps
+    prior.reset_nfe()
+    got = p._prior_step(x, pts, prior, BatchRNG([0, 1]))
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    assert prior.nfe == len(pts) - 1 == p.expected_nfe(prior) - (len(plan[0][2]) - 1)
+    grid = PnPDM(steps=2, rho=5.0, rho_decay=0.5, rho_min=0.3, mode="ode", denoise_steps=6)
+    assert [r for _, r, _ in grid.plan(prior)] != [5.0, 2.5]  # ours snaps onto the prior's levels
+    with pytest.raises(ValueError, match="time_input must be one of"):
+        PnPDM(time_input="edm")
