@@ -47,6 +47,7 @@ from reddiff import registry
 from reddiff.core.diffusion import Schedule
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.perf import keep_freed_heap
+from reddiff.priors.dialects import DIALECTS
 from reddiff.priors.gmm import GaussianMixturePrior, GMMProblem, mcgdiff_problem
 from reddiff.core.rng import BatchRNG
 
@@ -206,10 +207,11 @@ def build_sampler(name: str, default_steps: int, **overrides):
 
 
 # ------------------------------------------------------------------------------------------ problems
-def make_problem(d: int, d_y: int, seed: int, index: int, schedule: Schedule):
-    """Prior, problem and exact posterior of problem ``index`` of cell ``(d, d_y)``; deterministic in the seed."""
+def make_problem(d: int, d_y: int, seed: int, index: int, schedule: Schedule, dialect: str = "vp_discrete"):
+    """Prior, problem and exact posterior of problem ``index`` of cell ``(d, d_y)``; deterministic in the seed.
+    ``dialect``: the prior's view (reddiff/priors/dialects.py); the problem and posterior do not depend on it."""
     g = _gen(seed, d, d_y, index, 0)
-    prior = GaussianMixturePrior.mcgdiff(d, g, schedule=schedule)
+    prior = GaussianMixturePrior.mcgdiff(d, g, schedule=schedule, dialect=dialect)
     pb = mcgdiff_problem(prior, d_y, g)
     post = prior.posterior(pb.y, pb.A, pb.sigma_y)
     return prior, pb, post
@@ -234,7 +236,8 @@ def nearest_mode(prior: GaussianMixturePrior, X: torch.Tensor) -> tuple[torch.Te
 
 
 def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int, samplers: Sequence[str],
-                n_dirs: int = 1000, keep: bool = False, threads: int = 1, overrides: dict | None = None) -> dict:
+                n_dirs: int = 1000, keep: bool = False, threads: int = 1, overrides: dict | None = None,
+                dialect: str = "vp_discrete") -> dict:
     """Every method on problem ``p`` of cell ``(d, d_y)``; deterministic in ``(seed, d, d_y, p)`` alone.
 
     Per method: ``sw``/``sw2`` against ``samples`` exact-posterior samples (1000 directions shared by the methods),
@@ -250,7 +253,7 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     torch.set_num_threads(threads)
     keep_freed_heap()
     schedule = Schedule()
-    prior, pb, post = make_problem(d, d_y, seed, p, schedule)
+    prior, pb, post = make_problem(d, d_y, seed, p, schedule, dialect)
     op = problem_operator(pb)
     g_ref = _gen(seed, d, d_y, p, 1)
     theta = random_directions(n_dirs, d, g_ref)
@@ -330,14 +333,15 @@ def aggregate(per_problem: list[dict]) -> dict:
 
 def run_all(dims: Sequence[int], dims_y: Sequence[int], *, problems: int, samples: int, steps: int, seed: int,
             samplers: Sequence[str], workers: int = 1, plot_cell: Sequence[int] | None = None,
-            overrides: dict | None = None, log: Callable = print) -> tuple[dict, dict, dict]:
+            overrides: dict | None = None, log: Callable = print, dialect: str = "vp_discrete") -> tuple[dict, dict, dict]:
     """All cells; returns (results[str(d)][str(d_y)], per-problem records, kept samples of the plotted problem).
 
     With ``workers > 1`` the problems run in separate processes (one torch thread each); every problem is seeded
     by ``(seed, d, d_y, p)``, so the numbers do not depend on ``workers``.
     """
     tasks = [(d, dy, p) for d in dims for dy in dims_y for p in range(problems)]
-    kw = dict(samples=samples, steps=steps, seed=seed, samplers=list(samplers), overrides=overrides or {})
+    kw = dict(samples=samples, steps=steps, seed=seed, samplers=list(samplers), overrides=overrides or {},
+              dialect=dialect)
     keep_of = lambda d, dy, p: plot_cell is not None and [d, dy] == list(plot_cell) and p == 0
     done: dict = {}
     t_start = time.perf_counter()
@@ -692,6 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="print the Pi-GDM covariance diagnostic (exact A Cov[x0|x_t] A^T vs r_t^2 A A^T) instead")
     ap.add_argument("--plot", default=None, help="write a 2-D projection plot (problem 0 of --plot-cell)")
     ap.add_argument("--plot-cell", type=_ints, default=[80, 1], help="d,d_y of the plotted problem")
+    ap.add_argument("--dialect", default="vp_discrete", choices=list(DIALECTS),
+                    help="the prior's view (reddiff/priors/dialects.py); the exact GMM denoiser is the same in each")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--workers", type=int, default=1, help="processes running problems in parallel (default 1)")
     ap.add_argument("--tune", action="store_true", help="grid-search the hyperparameters on the tuning seed instead")
@@ -766,7 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results, per_problem, kept = run_all(args.dims, args.dims_y, problems=args.problems, samples=args.samples,
                                          steps=args.steps, seed=args.seed, samplers=samplers, workers=args.workers,
-                                         plot_cell=args.plot_cell if args.plot else None, overrides=overrides)
+                                         plot_cell=args.plot_cell if args.plot else None, overrides=overrides,
+                                         dialect=args.dialect)
     wall = time.perf_counter() - t_all
     res = {
         "meta": {"command": command, "date": date, "wall_seconds": wall, "dims": args.dims, "dims_y": args.dims_y,
@@ -780,6 +787,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "problems": per_problem,
     }
+    if args.dialect != "vp_discrete":  # absent for the default: the files made before dialects stay comparable
+        res["meta"]["dialect"] = args.dialect
     table = markdown_table(res)
     print(table)
     print(f"wall time {wall:.0f} s")

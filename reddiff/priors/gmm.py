@@ -137,7 +137,7 @@ class GaussianMixturePrior(Prior):
     # --------------------------------------------------------------------------------- constructors
     @classmethod
     def mcgdiff(cls, d: int, generator: Optional[torch.Generator] = None, spacing: float = 8.0,
-                schedule: Optional[Schedule] = None) -> "GaussianMixturePrior":
+                schedule: Optional[Schedule] = None, dialect: str = "vp_discrete") -> "GaussianMixturePrior":
         """The 25-component MCGdiff prior: means ``(8i, 8j)`` repeated over the ``d/2`` coordinate pairs,
         ``i, j in {-2..2}``; weights ``randn(25)^2`` normalised; identity covariances."""
         if d <= 0 or d % 2:
@@ -145,7 +145,7 @@ class GaussianMixturePrior(Prior):
         grid = [(spacing * i, spacing * j) for i in range(-2, 3) for j in range(-2, 3)]
         means = torch.tensor([list(p) * (d // 2) for p in grid], dtype=torch.float64)
         w = torch.randn(len(grid), generator=generator, dtype=torch.float64) ** 2
-        return cls(means, w / w.sum(), None, schedule=schedule)
+        return cls(means, w / w.sum(), None, schedule=schedule, dialect=dialect)
 
     # --------------------------------------------------------------------------------- covariances
     def cov_matrices(self) -> torch.Tensor:
