@@ -330,3 +330,20 @@ def test_preset_keys_and_registered_file_load(home, monkeypatch, tmp_path, adm, 
     with torch.no_grad():
         out = prior.denoise(torch.randn(2, 3, 16, 16), 0.8)
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all() and prior.nfe == 1
+
+
+# ------------------------------------------------------------------------------------------ real files (when present)
+@pytest.mark.weights
+@pytest.mark.parametrize("name,cls,side", [("inversebench_ffhq256", EDMPrior, 256), ("pnpflow_celeba", FlowPrior, 128),
+                                           ("pnpflow_afhq_cat", FlowPrior, 256)])
+def test_published_checkpoint_loads_strictly(name, cls, side):
+    if W.REGISTRY[name].find() is None:
+        pytest.skip(f"{name} not in the cache: {W.REGISTRY[name].missing_message()}")
+    prior = cls(name)
+    assert prior.shape == (3, side, side)
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps = prior.eps(x, 999)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    # at t = T-1 the VP state is almost pure noise, so any trained model's epsilon is almost x_t itself
+    assert torch.nn.functional.cosine_similarity(eps.flatten(), x.flatten(), dim=0) > 0.9
