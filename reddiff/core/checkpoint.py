@@ -76,7 +76,15 @@ def _is_tensor_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _unwrap(obj, path: Path, key: Optional[str]) -> dict[str, torch.Tensor]:
+def _unwrap(obj, path: Path, key) -> dict[str, torch.Tensor]:
+    if isinstance(key, (tuple, list)):  # a flat state dict, or nested under the first present of the alternatives
+        if _is_tensor_dict(obj):
+            return dict(obj)
+        present = [k for k in key if isinstance(obj, Mapping) and k in obj]
+        if not present:
+            have = sorted(map(str, obj.keys())) if isinstance(obj, Mapping) else type(obj).__name__
+            raise CheckpointError(f"{path}: none of the entries {list(key)} in the checkpoint (top-level entries: {have})")
+        key = present[0]
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             have = sorted(map(str, obj.keys())) if isinstance(obj, Mapping) else type(obj).__name__
@@ -132,10 +140,12 @@ def _unpickler_reason(e: Exception) -> str:
     return (useful[0] if useful else "a non-tensor object")[:300]
 
 
-def load_state_dict(path, key: Optional[str] = None) -> dict[str, torch.Tensor]:
+def load_state_dict(path, key=None) -> dict[str, torch.Tensor]:
     """Load a flat ``{name: Tensor}`` state dict from ``path`` on the CPU, without ever executing code.
 
-    ``key`` selects a nested entry explicitly (``'ema'``, ``'model'``, ...).  Raises ``FileNotFoundError``,
+    ``key`` selects a nested entry explicitly (``'ema'``, ``'model'``, ...), or is a tuple of alternatives: a flat
+    state dict is taken as it is, else the first entry present (``('ema', 'net')``, as InverseBench's ``main.py``
+    reads its checkpoints; a safetensors file is always flat).  Raises ``FileNotFoundError``,
     :class:`UnsafeCheckpointError` (a pickle carrying code or objects) or :class:`CheckpointError`.
     """
     path = Path(path).expanduser()

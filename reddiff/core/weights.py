@@ -248,6 +248,31 @@ register(WeightSpec("dps_ffhq256", "ffhq_10m.pt", "DPS FFHQ-256 unconditional (9
                     manual="download ffhq_10m.pt from the DPS repository's Google Drive link "
                            "(DPS2022/diffusion-posterior-sampling README) and place it at {home}/ffhq_10m.pt",
                     used_by="prior=dps_ffhq256"))
+# EDM-format and flow-matching priors (reddiff/priors/edm.py, flow.py; docs/MODEL_CARD.md "Checkpoint formats").
+# No public source states a sha256 for any of them: unpinned.  InverseBench README "Pre-trained models": ffhq256.pt,
+# "converted from the DPS repository", config configs/pretrain/ffhq256.yaml (VPPrecond around ADM).  PnP-Flow
+# download.sh / README: both OT models are published as model_final.pt (Google Drive), so they are kept in their own
+# folders here, as PnP-Flow keeps them (model/<dataset>/ot/model_final.pt, main.py:90-92).
+register(WeightSpec("inversebench_ffhq256", "ffhq256.pt", "InverseBench FFHQ-256 (DPS network in EDM VPPrecond format, 93.6M)",
+                    env="REDDIFF_INVERSEBENCH_FFHQ",
+                    manual="download ffhq256.pt from the InverseBench GitHub release 'diffusion-prior' "
+                           "(https://github.com/devzhk/InverseBench/releases/tag/diffusion-prior, linked from the "
+                           "devzhk/InverseBench README, 'Pre-trained models') and place it at {home}/ffhq256.pt",
+                    used_by="prior=inversebench_ffhq256"))
+register(WeightSpec("pnpflow_celeba", "pnpflow/celeba/ot/model_final.pt", "PnP-Flow OT flow matching, CelebA 128 (34.5M)",
+                    env="REDDIFF_PNPFLOW_CELEBA",
+                    manual="download model_final.pt of the PnP-Flow CelebA model (Google Drive file "
+                           "1ZZ6S-PGRx-tOPkr4Gt3A6RN-PChabnD6, linked from the annegnx/PnP-Flow README; "
+                           "`bash download.sh pretrained-network-celeba` there) and place it at "
+                           "{home}/pnpflow/celeba/ot/model_final.pt",
+                    used_by="prior=pnpflow_celeba"))
+register(WeightSpec("pnpflow_afhq_cat", "pnpflow/afhq_cat/ot/model_final.pt", "PnP-Flow OT flow matching, AFHQ-Cat 256 (31.0M)",
+                    env="REDDIFF_PNPFLOW_AFHQ_CAT",
+                    manual="download model_final.pt of the PnP-Flow AFHQ-Cat model (Google Drive file "
+                           "1FpD3cYpgtM8-KJ3Qk48fcjtr1Ne_IMOF, linked from the annegnx/PnP-Flow README; "
+                           "`bash download.sh pretrained-network-afhq-cat` there) and place it at "
+                           "{home}/pnpflow/afhq_cat/ot/model_final.pt",
+                    used_by="prior=pnpflow_afhq_cat"))
 register(WeightSpec("alexnet", "alexnet-owt-7be5be79.pth", "torchvision AlexNet (LPIPS backbone)",
                     url=_TV + "alexnet-owt-7be5be79.pth", sha256_prefix="7be5be79", cache="torch_hub", used_by="metrics: lpips (alex)"))
 register(WeightSpec("vgg16", "vgg16-397923af.pth", "torchvision VGG16 (LPIPS-VGG backbone)",

@@ -144,13 +144,34 @@ def check_state_dict(model: torch.nn.Module, sd: dict, source) -> None:
     if shapes:
         parts.append("shape mismatches: " + show(shapes, lambda k: f"{k} file {list(got[k])} vs model {list(expected[k])}"))
     prefixes = {k.split(".", 1)[0] for k in got}
-    if len(prefixes) == 1 and (p := prefixes.pop()) in ("module", "model", "net", "_orig_mod"):
+    wrapped = {k.split(".", 1)[0] for k in expected}
+    if len(prefixes) == 1 and (p := prefixes.pop()) in ("module", "model", "net", "_orig_mod") and wrapped != {p}:
         parts.append(f"every key in the file starts with '{p}.': it was saved from a wrapper; strip that prefix")
+    if len(wrapped) == 1 and (w := next(iter(wrapped))) not in {k.split(".", 1)[0] for k in got} and \
+            any(f"{w}.{k}" in expected for k in got):
+        parts.append(f"this format keeps the network under '{w}.' (the official wrapper's attribute); the file holds "
+                     "the bare network's keys: it is another format")
     if "label_emb.weight" in unexpected:
         parts.append("the file is class-conditional: use arch='adm_imagenet256_cond'")
     if "label_emb.weight" in missing:
         parts.append("the file is unconditional: use an unconditional arch")
     raise StateDictMismatchError("\n  ".join(parts))
+
+
+def load_strict(module: torch.nn.Module, path: Path, key=None) -> torch.nn.Module:
+    """Read ``path`` safely (:func:`load_state_dict`) and load it into ``module`` (built on the meta device) after
+    :func:`check_state_dict`: the file's keys and shapes must be exactly the module's."""
+    sd = load_state_dict(path, key=key)
+    check_state_dict(module, sd, path)
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module
+
+
+def frozen(net: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """``net`` on ``device`` ("auto": CUDA when available) in ``dtype``, eval mode, no parameter gradients."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return net.to(device=device, dtype=_dtype(dtype)).eval().requires_grad_(False)
 
 
 class UNetPrior(Prior):
