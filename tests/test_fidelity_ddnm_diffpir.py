@@ -69,3 +69,40 @@ def test_ddnm_plus_noise_term_matches_the_official_form(eps_basis):
 def test_ddnm_eps_basis_is_checked():
     with pytest.raises(ValueError, match="ddnm: eps_basis must be one of spectral, pixel, got 'raw'"):
         DDNM(eps_basis="raw")
+
+
+def _official_start(task, y, op):
+    """The image the official DiffPIR starts from, in model units (main_ddpir.py:295-310, then 2x - 1 at :312):
+    inpainting: the masked [0, 1] image, so -1 in the holes; super-resolution: bicubic(y) (torch's bicubic, a
+    kernel summing to 1, commutes with 2x - 1); deblurring: y itself."""
+    if task.startswith("inpaint"):
+        return torch.where(op.mask().expand_as(y) > 0, y, -torch.ones_like(y))
+    if task.startswith("sr4"):
+        return torch.nn.functional.interpolate(y, scale_factor=4, mode="bicubic", align_corners=False)
+    return y
+
+
+@pytest.mark.parametrize("task", ["inpaint_box", "sr4", "deblur_gauss"])
+def test_diffpir_degraded_start_is_the_official_initial_state(task):
+    """x_T = sqrt(a_T) x_init + sqrt(1 - a_T) z (main_ddpir.py:312) with the recorded z: x_init is the official
+    degraded image under init="degraded" (to 1e-12) and A^+ y under "pinv"; the two starts differ."""
+    shape = (2, 3, 16, 16)
+    op = build_operator(task, sigma_y=0.05).setup([0, 1], shape, "cpu", torch.float64)
+    g = torch.Generator().manual_seed(1)
+    y = op.forward(torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1)
+    starts = {}
+    for init in ("pinv", "degraded"):
+        prior, rng = RecordingPrior(shape=shape[1:]), RecordingRNG([0, 1])
+        smp = DiffPIR(steps=3, clip_x0=False, init=init)
+        smp.sample(y, op, prior, rng)
+        a0 = float(prior.schedule.alpha_bar_at(smp.visited(prior)[0]))
+        x_init = _official_start(task, y, op) if init == "degraded" else op.pinv(y).reshape(shape)
+        want = math.sqrt(a0) * x_init + math.sqrt(1 - a0) * rng.normals()[0]
+        assert (prior.calls[0][0] - want).abs().max() < 1e-12, (task, init)
+        starts[init] = x_init
+    assert (starts["pinv"] - starts["degraded"]).abs().max() > 0.1, task
+
+
+def test_diffpir_init_is_checked():
+    with pytest.raises(ValueError, match="diffpir: init must be one of pinv, degraded, got 'zero'"):
+        DiffPIR(init="zero")

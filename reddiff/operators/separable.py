@@ -283,9 +283,6 @@ class SeparableOperator(ImageOpMixin, SVDOperator):
         W = z.reshape(B, *self.y_shape)
         return self._sandwich(self._t("Ua", W), W, self._t("Uat", W))
 
-    def visualize(self, y):
-        return self.pinv(y)
-
 
 class _Downsampler(SeparableOperator):
     def __init__(self, sigma_y: float = 0.0, factor: int = 4, svd_cutoff: float = 0.0):
@@ -302,6 +299,10 @@ class _Downsampler(SeparableOperator):
         """Nearest-neighbour upsampling of y to the image size."""
         self._check_y(y, self.y_shape)
         return y.repeat_interleave(self.factor, dim=-2).repeat_interleave(self.factor, dim=-1)
+
+    def degraded_image(self, y):
+        """Bicubic upsampling of y, the official DiffPIR start (``main_ddpir.py:295``)."""
+        return torch.nn.functional.interpolate(y, scale_factor=self.factor, mode="bicubic", align_corners=False)
 
 
 class BlockAverageSR(_Downsampler):
