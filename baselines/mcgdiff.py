@@ -25,7 +25,13 @@ factor); the chain runs to alpha_bar = 1 and the noisy case needs no final likel
 multiplies by p(y | x0) at the end, particle_filter.py:146-149); the official script returns one particle per run
 drawn by the final weights (scripts/viz_gaussian.py:150-151), as here by default, while ``draws_per_system``
 can also keep every particle of a system (the GMM benchmark setting); any strided schedule (no singular-value
-adapted timesteps, utils.py:136-155).
+adapted timesteps, utils.py:136-155).  Level 0 draws ``N(0, I)`` times the level-0 potential (``init="potential"``),
+the target the first weight's division by that potential assumes; the official starts from plain ``N(0, I)``
+(particle_filter.py:67-69; the caller's ``initial_particles``, scripts/viz_gaussian.py) and still divides
+(:100-109), so it weights by ``1 / g_0``: ``init="prior"`` (``compat.mcgdiff_init``).  With sigma_y = 0 the last step
+gains ``K = (1 - a_0) / (1 - a_0 + kappa)``: 0.5 at the default ``kappa = 1e-4 = 1 - a_0``, so the observed
+coordinates are only half pinned (the official's last step has the same gain, particle_filter.py:115-120); a smaller
+``kappa`` (1e-8: K = 0.9999) pins them.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ import math
 import torch
 
 from reddiff.samplers.smc import SpectralSMC
+
+INITS = ("potential", "prior")
 
 
 class MCGDiff(SpectralSMC):
@@ -49,6 +57,7 @@ class MCGDiff(SpectralSMC):
         chunk_elements: most particle entries per network call (0: all N at once).
         draws_per_system: samples taken from one system of items sharing a measurement (1: one per item, as the
             official script; 0: all N particles; reddiff/samplers/smc.py).
+        init: level-0 particles, "potential" (``N(0, I) g_0``) or "prior" (plain ``N(0, I)``, official).
     """
 
     name = "mcgdiff"
@@ -69,15 +78,18 @@ class MCGDiff(SpectralSMC):
 
     def __init__(self, steps: int = 100, particles: int = 16, eta: float = 1.0, kappa: float = 1e-4,
                  resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 17,
-                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1):
+                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1, init: str = "potential"):
         super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every,
                          draws_per_system)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"mcgdiff: eta must be in [0, 1], got {eta}")
         if not float(kappa) > 0.0:
             raise ValueError(f"mcgdiff: kappa must be > 0 (the pseudo-observation variance floor), got {kappa}")
+        if init not in INITS:
+            raise ValueError(f"mcgdiff: init must be one of {', '.join(INITS)}, got {init!r}")
         self.eta = float(eta)
         self.kappa = float(kappa)
+        self.init_draw = "product" if init == "potential" else "prior"
 
     def kernel_std(self, a_t: float, a_s: float) -> float:
         return self.eta * math.sqrt(max((1 - a_t / a_s) * (1 - a_s) / (1 - a_t), 0.0))
