@@ -22,7 +22,7 @@ weight's ``a_s sigma^2``, the official's ``a_t sigma^2`` (:94, 122, 316) while i
 (:318, 467, 504), so the official weight is not the predictive; ``clip_x0``: the official clamps x0_hat to [-1, 1]
 (configs/diffusion_config.yaml:7, posterior_mean_variance.py:43-44, 133); ``var_jitter``: the official gain divides
 by ``c (1 - a_s) + 1e-6`` (:122); ``order`` "adapted" | "draw_first": the official draws from every particle,
-weights the drawn states by the three-term ratio and copies the survivors (:497-511): same marginals, another
+weights the drawn states by the three-term ratio and copies the survivors (:499-511): same marginals, another
 joint; ``start`` "product" | "official": level 0 is ``N(0, I)`` times the level-0 potential, the official's mean
 misses the ``1 / vd`` of ``(I + A^T A / vd)^{-1} A^T y / vd`` and its noise is one draw shared by all particles
 (:271-277, svd_replacement.py:232-260); ``last_step`` "condition" | "x0_hat": the official t = 0 step returns the

@@ -30,7 +30,8 @@ the target the first weight's division by that potential assumes; the official s
 (particle_filter.py:67-69; the caller's ``initial_particles``, scripts/viz_gaussian.py) and still divides
 (:100-109), so it weights by ``1 / g_0``: ``init="prior"`` (``compat.mcgdiff_init``).  With sigma_y = 0 the last step
 gains ``K = (1 - a_0) / (1 - a_0 + kappa)``: 0.5 at the default ``kappa = 1e-4 = 1 - a_0``, so the observed
-coordinates are only half pinned (the official's last step has the same gain, particle_filter.py:115-120); a smaller
+coordinates are only half pinned (the official last step, into t = 0, has a gain of 0.499 at 20 steps,
+particle_filter.py:115-120); a smaller
 ``kappa`` (1e-8: K = 0.9999) pins them.
 """
 from __future__ import annotations

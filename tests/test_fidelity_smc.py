@@ -5,10 +5,11 @@ the recorded states and noise of a run (float64), and each differs from our defa
 FPS-SMC, official step t -> s (ZehaoDou-official/FPS-SMC-2023, guided_diffusion/gaussian_diffusion.py): the mean
 ``m = sqrt(a_s) x0 + sqrt((1 - c)(1 - a_s)) eps`` (posterior_mean_variance.py:130-136, x0 clamped, :43-44), the
 proposal ``(I + A^T A / ex)^{-1} (m + A^T Y / ex)`` with ``ex = a_t sigma^2 / (c (1 - a_s) + 1e-6)`` and noise
-``sqrt(c (1 - a_s)) (I + A^T A / ex)^{-1/2} e`` (:116-122, 290-296, 487-492), the weight
+``sqrt(c (1 - a_s)) (I + A^T A / ex)^{-1/2} e`` (:106, 122, 309-316, 473-477, 499-503), the weight
 ``-|Y - A x|^2 / (2 sigma^2 a_s) - |x - m|^2 / (2 c (1 - a_s)) + |x - mu|^2 / (2 c (1 - a_s)) + |A (x - mu)|^2 /
-(2 a_t sigma^2)`` (:497-501) with ``Y`` the y-sequence at level t (:283), then multinomial copies (:502-506); the
-t = 0 step returns x0 (:309, 464); level 0 is ``get_mean(A^T y, vd) + get_noise(e, vd)`` with one e (:271-277)."""
+(2 a_t sigma^2)`` (:467, 474-475, 504-507) with ``Y`` the y-sequence at level t (:263, 283), then multinomial
+copies (:508-511); the t = 0 step returns x0 (:309, 464); level 0 is ``get_mean(A^T y, vd) + get_noise(e, vd)`` with
+one e (:273-277)."""
 from __future__ import annotations
 
 import math

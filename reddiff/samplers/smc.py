@@ -18,7 +18,8 @@ auxiliary particle filter:
     z_i ~ N(m_i, sig^2)                                                             (others)
 
 A deterministic last step (``sig = 0``, DDIM/DDPM into alpha_bar = 1) uses ``sig^2 = 1 - a_t`` on the active
-coordinates only, so that a clean-level potential (noiseless data) pins them instead of only reweighting.
+coordinates only, so that a clean-level potential (noiseless data) acts on them instead of only reweighting: the
+gain is ``(1 - a_t) / (1 - a_t + v)``, so a potential variance ``v`` far below ``1 - a_t`` pins them.
 Level 0 draws ``z ~ N(0, I) g_0`` exactly (``p(x_T) ~ N(0, I)``), so the weights start uniform.
 
 Official forms kept switchable (class attributes set by the subclasses from their ``compat`` keys; defaults ours):
