@@ -170,3 +170,35 @@ def test_mcgdiff_noiseless_last_step_gain(kappa, gain):
     want[:, :3] = K * (y @ U)[0] / s + (1 - K) * m[:, :3] + math.sqrt(K * kappa) * noise[:, :3]
     assert (X[0] @ V - want).abs().max() < 1e-10
     assert abs(K - gain) < 2e-3, K
+
+
+def test_mcgdiff_end_t0_is_the_official_noiseless_chain():
+    """end="t0": a 2-step chain is one step t_1 -> t_0 = 0 (mcg_diff particle_filter.py:83-122) and the final
+    weights divide out the potential at t_0 (:124-131, 150-151), recomputed in the official terms: potential
+    N(sqrt(a_tau) y / s . sqrt(a_t / a_tau); x, 1 - (1 - kappa) a_t / a_tau) with tau = 0 (sigma_y = 0), DDIM eta = 1
+    noise, gain Kprev = sigma^2 / (sigma^2 + 1 - (1 - kappa) a_0 / a_tau) (:115-120).  No resampling here
+    (identity ancestors), so the final log-weights are the step's weight minus the final log-potential."""
+    U, s, V, op = svd_case(sigma_y=0.0)
+    y = torch.tensor([[0.9, -1.4, 0.3]], dtype=torch.float64)
+    prior, rng = RecordingPrior(dim=5), RecordingRNG([0])
+    smp = MCGDiff(steps=2, particles=3, end="t0", ess_threshold=1e-9)
+    X, logw = smp.run(y, op, prior, rng)
+    assert prior.nfe == smp.expected_nfe(prior) == 3                      # one step of 3 particles
+    t1, t0 = smp.timesteps(prior)
+    a1, a0 = (float(prior.schedule.alpha_bar_at(t)) for t in (t1, t0))
+    kap, yh = smp.kappa, (y @ U)[0] / s
+    var = lambda a: 1 - (1 - kap) * a / a0                                  # noqa: E731 - potential variance
+    x, _, eps = prior.calls[0]
+    zprev, eb = x @ V, eps @ V
+    sig2 = (1 - a0) / (1 - a1) * (1 - a1 / a0)                              # DDIM eta = 1
+    m = math.sqrt(a0) * (zprev - math.sqrt(1 - a1) * eb) / math.sqrt(a1) + math.sqrt(1 - a0 - sig2) * eb
+    K = sig2 / (sig2 + var(a0))
+    noise = rng.normals()[-1][0]
+    want = m + math.sqrt(sig2) * noise
+    want[:, :3] = K * math.sqrt(a0) * yh + (1 - K) * m[:, :3] + math.sqrt(var(a0) * K) * noise[:, :3]
+    assert (X[0] @ V - want).abs().max() < 1e-10
+    lw = (-0.5 * (m[:, :3] - math.sqrt(a0) * yh) ** 2 / (sig2 + var(a0))
+          + 0.5 * (zprev[:, :3] - math.sqrt(a1) * yh) ** 2 / var(a1)).sum(1)
+    lw = lw + (0.5 * (want[:, :3] - math.sqrt(a0) * yh) ** 2 / var(a0)).sum(1)
+    assert (logw[0] - lw).abs().max() < 1e-10 * lw.abs().max()             # |log w| ~ 5e5 here
+    assert abs(K - 0.5) < 0.01                                              # half pinned, as ours at the clean level

@@ -26,7 +26,9 @@ Official forms kept switchable (class attributes set by the subclasses from thei
 ``init_draw="prior"`` (plain ``N(0, I)`` at level 0, MCG-diff), ``order="draw_first"`` (draw every particle from
 the proposal, weight the drawn state by ``g(z) p(z | x) / q(z)``, then copy the survivors, FPS-SMC),
 ``clip_x0`` (x0_hat clamped to [-1, 1] in pixel space), ``gain_jitter`` (a constant added to the kernel variance in
-the gain), ``last_step="x0_hat"`` (the last step returns x0_hat unconditioned and unweighted) and, through
+the gain), ``last_step="x0_hat"`` (the last step returns x0_hat unconditioned and unweighted), ``end="t0"``
+(stop at the last visited timestep, one network call fewer, and divide its potential out of the final weights,
+MCG-diff) and, through
 :meth:`step_potential`, a proposal variance other than the weight's.  Constants of the
 Gaussian log-densities that are equal for all particles of an item are dropped (they cancel on normalising).
 The network runs on chunks of at most ``chunk_elements`` particle entries (whole particle slabs of B rows; 0: all at
@@ -56,6 +58,7 @@ class SpectralSMC(Sampler):
     clip_x0: bool = False
     gain_jitter: float = 0.0
     last_step: str = "condition"        # condition | x0_hat
+    end: str = "clean"                  # clean: run into alpha_bar = 1 | t0: stop at the last visited timestep
 
     def __init__(self, steps: int, particles: int, resampling: str = "multinomial", ess_threshold: float = 1.0,
                  chunk_elements: int = 2 ** 17, spacing: str = "default", log_every: int = 10,
@@ -111,7 +114,7 @@ class SpectralSMC(Sampler):
         return z
 
     def expected_nfe(self, prior) -> int:
-        return len(self.timesteps(prior)) * self.particles
+        return (len(self.timesteps(prior)) - (self.end == "t0")) * self.particles
 
     # ------------------------------------------------------------------ helpers
     def _spectral(self, y, operator, prior) -> dict:
@@ -211,7 +214,7 @@ class SpectralSMC(Sampler):
         self.check(operator)
         ts = self.timesteps(prior)
         sch = prior.schedule
-        lv = [float(sch.alpha_bar_at(t)) for t in ts] + [1.0]
+        lv = [float(sch.alpha_bar_at(t)) for t in ts] + ([1.0] if self.end == "clean" else [])
         ctx = self._spectral(y, operator, prior)
         ctx["levels"] = torch.tensor(lv, dtype=torch.float64)
         self.setup_potentials(ctx, rng)
@@ -222,8 +225,8 @@ class SpectralSMC(Sampler):
         z = self.start(ctx, rng.randn((B, N, n), dtype=dtype).to(device).transpose(0, 1).contiguous())
         logw = torch.zeros(B, N, dtype=torch.float64, device=device)
 
-        last = len(ts) - 1
-        for i, t in enumerate(ts):
+        last = len(lv) - 2
+        for i, t in enumerate(ts[:last + 1]):
             a_t, a_s = lv[i], lv[i + 1]
             sig = float(self.kernel_std(a_t, a_s))
             c2 = math.sqrt(max(1.0 - a_s - sig * sig, 0.0))
@@ -260,6 +263,10 @@ class SpectralSMC(Sampler):
             if callback is not None and self.should_log(i, last):
                 w = torch.softmax(logw, 1)
                 callback(i, {"t": t, "ess": (1.0 / (w * w).sum(1)).mean().item()})
+        if self.end == "t0" and self.divide_previous:          # the chain stops at a level with a potential:
+            cp, vp, act = self.potential(ctx, last + 1)        # divide it out of the final weights
+            zo = z[:, :, :k].to(torch.float64)
+            logw = logw + torch.where(act, 0.5 * (zo - cp) ** 2 / vp, torch.zeros_like(zo)).sum(-1).T
         per_image = bool(getattr(operator, "per_image", False))
         x = self._apply(operator.V, z.reshape(N * B, n), B, per_image).reshape((N, B) + tuple(prior.shape))
         return x.transpose(0, 1), logw
