@@ -66,6 +66,19 @@ def test_ddnm_plus_noise_term_matches_the_official_form(eps_basis):
     assert gap > 0.05, gap
 
 
+
+def test_ddnm_plus_forms_agree_for_inpainting_only():
+    """Inpainting's V is the identity on pixels, so the two noise terms coincide (the official Inpainting class is
+    not affected, svd_operators.py:395-398); on sr4 they do not."""
+    shape = (2, 3, 8, 8)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1
+    for task, same in (("inpaint_box", True), ("sr4", False)):
+        op = build_operator(task, sigma_y=0.05).setup([0, 1], shape, "cpu", torch.float64)
+        y = op.forward(x)
+        out = [DDNM(steps=5, eps_basis=b).sample(y, op, RecordingPrior(shape=shape[1:]), RecordingRNG([0, 1]))
+               for b in ("spectral", "pixel")]
+        assert torch.equal(out[0], out[1]) == same, task
+
 def test_ddnm_eps_basis_is_checked():
     with pytest.raises(ValueError, match="ddnm: eps_basis must be one of spectral, pixel, got 'raw'"):
         DDNM(eps_basis="raw")
