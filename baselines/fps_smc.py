@@ -25,7 +25,7 @@ by ``c (1 - a_s) + 1e-6`` (:122); ``order`` "adapted" | "draw_first": the offici
 weights the drawn states by the three-term ratio and copies the survivors (:499-511): same marginals, another
 joint; ``start`` "product" | "official": level 0 is ``N(0, I)`` times the level-0 potential, the official's mean
 misses the ``1 / vd`` of ``(I + A^T A / vd)^{-1} A^T y / vd`` and its noise is one draw shared by all particles
-(:271-277, svd_replacement.py:232-260); ``last_step`` "condition" | "x0_hat": the official t = 0 step returns the
+(:273-277, svd_replacement.py:232-260); ``last_step`` "condition" | "x0_hat": the official t = 0 step returns the
 clipped x0_hat, unconditioned and unweighted (:309, 464).  Not switchable: the measurement noise is the operator's
 ``noise_std`` (the official hard-codes ``sigma = 0.05``, :77), floored at ``min_noise_std`` so that noiseless tasks
 keep a proper final potential; the y-sequence starts at ``sqrt(a_0) y + sqrt(1 - a_0) H e`` instead of ``H e``

@@ -94,6 +94,8 @@ class MCGDiff(SpectralSMC):
         for key, v, allowed in (("init", init, INITS), ("end", end, ENDS)):
             if v not in allowed:
                 raise ValueError(f"mcgdiff: {key} must be one of {', '.join(allowed)}, got {v!r}")
+        if end == "t0" and self.steps < 2:
+            raise ValueError(f"mcgdiff: end='t0' stops one step early and needs steps >= 2, got {self.steps}")
         self.end = end
         self.eta = float(eta)
         self.kappa = float(kappa)

@@ -202,3 +202,10 @@ def test_mcgdiff_end_t0_is_the_official_noiseless_chain():
     lw = lw + (0.5 * (want[:, :3] - math.sqrt(a0) * yh) ** 2 / var(a0)).sum(1)
     assert (logw[0] - lw).abs().max() < 1e-10 * lw.abs().max()             # |log w| ~ 5e5 here
     assert abs(K - 0.5) < 0.01                                              # half pinned, as ours at the clean level
+
+
+def test_mcgdiff_bad_forms():
+    with pytest.raises(ValueError, match="mcgdiff: end must be one of clean, t0, got 'zero'"):
+        MCGDiff(end="zero")
+    with pytest.raises(ValueError, match="mcgdiff: end='t0' stops one step early and needs steps >= 2, got 1"):
+        MCGDiff(steps=1, end="t0")

@@ -28,8 +28,7 @@ the proposal, weight the drawn state by ``g(z) p(z | x) / q(z)``, then copy the 
 ``clip_x0`` (x0_hat clamped to [-1, 1] in pixel space), ``gain_jitter`` (a constant added to the kernel variance in
 the gain), ``last_step="x0_hat"`` (the last step returns x0_hat unconditioned and unweighted), ``end="t0"``
 (stop at the last visited timestep, one network call fewer, and divide its potential out of the final weights,
-MCG-diff) and, through
-:meth:`step_potential`, a proposal variance other than the weight's.  Constants of the
+MCG-diff) and, through :meth:`step_potential`, a proposal variance other than the weight's.  Constants of the
 Gaussian log-densities that are equal for all particles of an item are dropped (they cancel on normalising).
 The network runs on chunks of at most ``chunk_elements`` particle entries (whole particle slabs of B rows; 0: all at
 once), and ``prior.nfe`` is kept honest per image: ``N`` evaluations per step.
