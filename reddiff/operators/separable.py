@@ -13,8 +13,7 @@ Layout of the spectral vectors (per image, flattened, channels outermost):
   blocks ``Z[c, :m, :m]`` in (c, i, j) order; they pair with ``singulars()[c*m*m + i*m + j] = sa[i] * sa[j]``.
   Then come the null-space coefficients ``Z[c, :m, m:]`` (all c, row-major), then ``Z[c, m:, :]``.
   For square A (blurs) this is just ``Z`` flattened in (c, i, j) order.
-* ``Ut(y)``: ``Ua^T Y Ua`` flattened in (c, i, j) order (m x m per channel); ``U`` is its inverse and returns
-  an image-shaped ``(B, C, m, m)`` tensor.
+* ``Ut(y)``: ``Ua^T Y Ua`` flattened in (c, i, j) order (m x m per channel); ``U``, its inverse, returns images.
 * singular values are **not sorted**; zeros may appear anywhere among the first k.
 
 Truncation.  Per-axis singular values below ``svd_cutoff`` (absolute; the kernels sum to 1) are set to 0, as the
