@@ -15,7 +15,9 @@ part by the measurement's, and takes a simplified DDIM step to the next visited 
         sig <  a c_i:          d1 = eta sig,                   d2 = 0
         sig >= a c_i:          d1 = sqrt(sig^2 - a^2 c_i^2),   d2 = 0
 
-(paper Eqs. 17-19; code ``functions/svd_ddnm.py:40-66`` and ``:101-133``, ``functions/svd_operators.py:253-320``).
+(paper Eqs. 17-19; code ``functions/svd_ddnm.py:40-66`` (DDNM) and ``:123-131`` (DDNM+), the ``Lambda`` /
+``Lambda_noise`` methods of each class in ``functions/svd_operators.py``, e.g. ``SuperResolution`` ``:535-623``,
+``Inpainting`` ``:361-439``).
 The chain starts from ``x_T ~ N(0, I)`` (``guided_diffusion/diffusion.py:578-584``) and ends with ``a_s = 1``
 (``svd_ddnm.py:38``), so a noiseless result satisfies ``A x = y`` to float precision.
 
@@ -28,7 +30,12 @@ official defaults ``l = 1, r = 1`` (``configs/imagenet_256.yml:44-47``) switch i
 
 Differences from the official code: one class for both versions (the official DDNM+ path is taken exactly when
 ``operator.noise_std > 0``, as ``guided_diffusion/diffusion.py:587-590``), per-image singulars and RNG streams,
-and a component with ``sig == a c_i`` counts as ">=" (the official code keeps the default noise there).
+and a component with ``sig == a c_i`` counts as ">=" (the official code keeps the default noise there).  The
+DDNM+ ``d2`` term: ours is ``V diag(d2) V^T eps`` (basis-independent); the official ``SuperResolution``,
+``Colorization`` and ``Deblurring`` classes read ``eps`` in the pixel layout as if it were spectral and apply only
+``V`` (``svd_operators.py:579-581, 617``; ``:699, 733``; ``:1048-1049, 1086-1088``; ``Inpainting``'s V is a
+permutation, so it agrees there, ``:395-398``): ``eps_basis="pixel"`` (``compat.ddnm_eps_basis``) uses
+``V diag(d2) eps`` with ``eps`` flattened in our operator's own layout.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import torch
 from reddiff.samplers.base import Sampler, validate_spacing, validate_steps
 
 TRAVEL_FROM = ("xt", "x0")
+EPS_BASES = ("spectral", "pixel")
 
 
 def travel_schedule(n: int, length: int, repeat: int) -> list[int]:
@@ -68,6 +76,7 @@ class DDNM(Sampler):
         travel_length: time-travel jump ``l`` (1: official default).
         travel_repeat: time-travel repeats ``r`` (1: off, official default).
         travel_from: "xt" (forward process from the current state) or "x0" (official code).
+        eps_basis: DDNM+ noise term ``V diag(d2) V^T eps`` ("spectral") or ``V diag(d2) eps`` ("pixel", official).
         spacing: timestep spacing, "default" or "official" (``compat.timesteps``).
         log_every: callback every ``log_every`` network calls and at the last one.
     """
@@ -82,7 +91,8 @@ class DDNM(Sampler):
     # DDNM+ is not exact for a Gaussian prior with noisy y; the noiseless case is checked in tests/test_ddnm.py
 
     def __init__(self, steps: int = 100, eta: float = 0.85, travel_length: int = 1, travel_repeat: int = 1,
-                 travel_from: str = "xt", spacing: str = "default", log_every: int = 10):
+                 travel_from: str = "xt", eps_basis: str = "spectral", spacing: str = "default",
+                 log_every: int = 10):
         self.steps = validate_steps("ddnm", steps)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"ddnm: eta must be in [0, 1], got {eta}")
@@ -91,6 +101,9 @@ class DDNM(Sampler):
                 raise ValueError(f"ddnm: {key} must be an integer >= 1, got {v!r}")
         if travel_from not in TRAVEL_FROM:
             raise ValueError(f"ddnm: travel_from must be one of {', '.join(TRAVEL_FROM)}, got {travel_from!r}")
+        if eps_basis not in EPS_BASES:
+            raise ValueError(f"ddnm: eps_basis must be one of {', '.join(EPS_BASES)}, got {eps_basis!r}")
+        self.eps_basis = eps_basis
         self.eta = float(eta)
         self.travel_length = int(travel_length)
         self.travel_repeat = int(travel_repeat)
@@ -174,7 +187,8 @@ class DDNM(Sampler):
                 d2 = torch.where(obs, torch.zeros_like(c), torch.full_like(c, ceta * sig))
                 zb = rng.randn((B, n), dtype=dtype).to(device)
                 x0cb = x0b - lam * resb
-                x = operator.V(a * x0cb + d1 * zb + d2 * operator.Vt(eps)).reshape(shape)
+                epsb = operator.Vt(eps) if self.eps_basis == "spectral" else eps.reshape(B, n)
+                x = operator.V(a * x0cb + d1 * zb + d2 * epsb).reshape(shape)
             if callback is not None and self.should_log(done, calls - 1):
                 callback(done, {"t": t, "x0": x0})
             done += 1

@@ -22,7 +22,10 @@ has squared norm ``L`` (HDR ``clip(2x)``: 4).
 
 Timesteps: ``skip_type="quad"`` (official default, ``configs/*.yaml:23``): ``t_k = T - 1 - int(sqrt(k / (n - 1)) T)``
 with the last one 0 (``main_ddpir.py:332-335``), dense at low noise; ``"uniform"`` uses the harness's strided
-schedule (and ``spacing``).  The chain starts from ``sqrt(a_T) A^+ y + sqrt(1 - a_T) z`` (``main_ddpir.py:315``).
+schedule (and ``spacing``).  The chain starts from ``sqrt(a_T) x_init + sqrt(1 - a_T) z`` (``main_ddpir.py:315``)
+with ``x_init = A^+ y`` (``init="pinv"``, default: 0 on the null space) or, as the official code,
+``init="degraded"`` (``compat.diffpir_init``): the measurement as an image (``operator.degraded_image``), i.e. -1 in
+the inpainting holes, bicubic(y) for super-resolution, y itself for deblurring (``main_ddpir.py:295-310``).
 
 Differences from the official code: the last step applies the data step to its ``x0`` and returns it
 (``last_step="prox"``); the official code skips the data step at ``t = 0`` and returns the re-noised state of the
@@ -42,6 +45,7 @@ from reddiff.samplers.base import Sampler, validate_spacing, validate_steps
 SKIP_TYPES = ("quad", "uniform")
 DATA_STEPS = ("auto", "svd", "grad")
 LAST_STEPS = ("prox", "official")
+INITS = ("pinv", "degraded")
 
 
 def quad_timesteps(n: int, T: int) -> list[int]:
@@ -70,6 +74,7 @@ class DiffPIR(Sampler):
         data_step: "auto" (closed form for SVD operators, else gradient), "svd" or "grad".
         grad_steps, grad_lr: the gradient data step (see the module docstring).
         last_step: "prox" (data step on the last x0, returned) or "official".
+        init: start image, "pinv" (``A^+ y``) or "degraded" (the official: ``operator.degraded_image(y)``).
         spacing: strided spacing for ``skip_type="uniform"`` (``compat.timesteps``).
         log_every: callback every ``log_every`` steps and at the last one.
     """
@@ -86,7 +91,8 @@ class DiffPIR(Sampler):
 
     def __init__(self, steps: int = 100, lam: float = 1.0, zeta: float = 0.1, skip_type: str = "quad",
                  clip_x0: bool = True, sigma_floor: float = 0.001, data_step: str = "auto", grad_steps: int = 1,
-                 grad_lr: float = 1.0, last_step: str = "prox", spacing: str = "default", log_every: int = 10):
+                 grad_lr: float = 1.0, last_step: str = "prox", init: str = "pinv", spacing: str = "default",
+                 log_every: int = 10):
         self.steps = validate_steps("diffpir", steps)
         for key, v, lo in (("lam", lam, 0.0), ("sigma_floor", sigma_floor, 0.0), ("grad_lr", grad_lr, 0.0)):
             if not (math.isfinite(float(v)) and float(v) > lo):
@@ -94,14 +100,14 @@ class DiffPIR(Sampler):
         if not 0.0 <= float(zeta) <= 1.0:
             raise ValueError(f"diffpir: zeta must be in [0, 1], got {zeta}")
         for key, v, allowed in (("skip_type", skip_type, SKIP_TYPES), ("data_step", data_step, DATA_STEPS),
-                                ("last_step", last_step, LAST_STEPS)):
+                                ("last_step", last_step, LAST_STEPS), ("init", init, INITS)):
             if v not in allowed:
                 raise ValueError(f"diffpir: {key} must be one of {', '.join(allowed)}, got {v!r}")
         if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 1:
             raise ValueError(f"diffpir: grad_steps must be an integer >= 1, got {grad_steps!r}")
         self.lam, self.zeta, self.sigma_floor = float(lam), float(zeta), float(sigma_floor)
         self.skip_type, self.data_step, self.last_step = skip_type, data_step, last_step
-        self.clip_x0 = bool(clip_x0)
+        self.clip_x0, self.init = bool(clip_x0), init
         self.grad_steps, self.grad_lr = int(grad_steps), float(grad_lr)
         self.spacing = validate_spacing("diffpir", spacing)
         self.log_every = max(1, int(log_every))
@@ -158,7 +164,8 @@ class DiffPIR(Sampler):
         sch = prior.schedule
         shape = self.sample_shape(y, prior)
         a0 = float(sch.alpha_bar_at(ts[0]))
-        x = math.sqrt(a0) * operator.pinv(y).reshape(shape).to(y.dtype) \
+        x_init = operator.pinv(y) if self.init == "pinv" else operator.degraded_image(y)
+        x = math.sqrt(a0) * x_init.reshape(shape).to(y.dtype) \
             + math.sqrt(1 - a0) * self.init_noise(rng, y, prior)
         last = len(ts) - 1
         x0 = x

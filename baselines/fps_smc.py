@@ -13,15 +13,24 @@ In the SVD basis (:mod:`reddiff.samplers.smc`), with ``y_hat_i = (U^T y)_i / s_i
    eps``, posterior_mean_variance.py:130-136 and gaussian_diffusion.py:116) and the potential at level L is
    ``p(y_L | x_L) = N(y_L; x_L, a_L r_i)`` (``variance_diff = a sigma^2``, gaussian_diffusion.py:94);
 3. ``x_L`` is drawn from the Gaussian product of kernel and potential, the weight is the predictive
-   ``N(y_L; m, sig^2 + a_L r_i)`` (the official three-term form, gaussian_diffusion.py:497-501, is this density
-   evaluated at the drawn sample) and the particles are resampled every step (multinomial, ``random.choices``).
+   ``N(y_L; m, sig^2 + a_L r_i)`` and the particles are resampled every step (multinomial, ``random.choices``).
 
-Differences from the official code: the measurement noise is the operator's ``noise_std`` (the official hard-codes
-``sigma = 0.05``, gaussian_diffusion.py:77), floored at ``min_noise_std`` so that noiseless tasks keep a proper
-final potential; the y-sequence starts at ``sqrt(a_0) y + sqrt(1 - a_0) H e`` instead of ``H e``; level 0 draws
-``x_T`` from ``N(0, I)`` times the level-0 potential, as the official (gaussian_diffusion.py:259-267); the final
-particle is drawn by the last weights (the official returns particle 0 after the last resampling); any strided
-schedule (the official runs 1000 steps); the weights are computed in closed form in the spectral domain.
+Differences from the official code, each switchable (``compat.fps_smc_*``, docs/DIFFERENCES.md; ours first):
+``y_level`` "s" | "t": step t -> s conditions on the pseudo-observation of level s, the official on level t
+(gaussian_diffusion.py:263, 283, 315); ``proposal_var`` "s" | "t": the proposal's potential variance is the
+weight's ``a_s sigma^2``, the official's ``a_t sigma^2`` (:94, 122, 316) while its weight uses ``sigma^2 a_s``
+(:318, 467, 504), so the official weight is not the predictive; ``clip_x0``: the official clamps x0_hat to [-1, 1]
+(configs/diffusion_config.yaml:7, posterior_mean_variance.py:43-44, 133); ``var_jitter``: the official gain divides
+by ``c (1 - a_s) + 1e-6`` (:122); ``order`` "adapted" | "draw_first": the official draws from every particle,
+weights the drawn states by the three-term ratio and copies the survivors (:499-511): same marginals, another
+joint; ``start`` "product" | "official": level 0 is ``N(0, I)`` times the level-0 potential, the official's mean
+misses the ``1 / vd`` of ``(I + A^T A / vd)^{-1} A^T y / vd`` and its noise is one draw shared by all particles
+(:273-277, svd_replacement.py:232-260); ``last_step`` "condition" | "x0_hat": the official t = 0 step returns the
+clipped x0_hat, unconditioned and unweighted (:309, 464).  Not switchable: the measurement noise is the operator's
+``noise_std`` (the official hard-codes ``sigma = 0.05``, :77), floored at ``min_noise_std`` so that noiseless tasks
+keep a proper final potential; the y-sequence starts at ``sqrt(a_0) y + sqrt(1 - a_0) H e`` instead of ``H e``
+(:229-233); the final particle is drawn by the last weights (the official returns particle 0 after the last
+resampling); any strided schedule (the official runs 1000 steps); the weights are computed in the spectral domain.
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ import math
 import torch
 
 from reddiff.samplers.smc import SpectralSMC
+
+LEVELS, ORDERS, STARTS, LASTS = ("s", "t"), ("adapted", "draw_first"), ("product", "official"), ("condition", "x0_hat")
 
 
 class FPSSMC(SpectralSMC):
@@ -44,6 +55,8 @@ class FPSSMC(SpectralSMC):
         chunk_elements: most particle entries per network call (0: all at once).
         draws_per_system: samples taken from one system of items sharing a measurement (1: one per item, as the
             official; 0: all M particles; reddiff/samplers/smc.py).
+        y_level, proposal_var, clip_x0, var_jitter, order, start, last_step: our form or the official one (module
+            docstring; ``compat.fps_smc_*``).
     """
 
     name = "fps_smc"
@@ -62,9 +75,19 @@ class FPSSMC(SpectralSMC):
 
     def __init__(self, steps: int = 100, particles: int = 5, c_rate: float = 0.95, min_noise_std: float = 1e-3,
                  resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 17,
-                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1):
+                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1, y_level: str = "s",
+                 proposal_var: str = "s", clip_x0: bool = False, var_jitter: float = 0.0, order: str = "adapted",
+                 start: str = "product", last_step: str = "condition"):
         super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every,
                          draws_per_system)
+        for key, v, allowed in (("y_level", y_level, LEVELS), ("proposal_var", proposal_var, LEVELS),
+                                ("order", order, ORDERS), ("start", start, STARTS), ("last_step", last_step, LASTS)):
+            if v not in allowed:
+                raise ValueError(f"fps_smc: {key} must be one of {', '.join(allowed)}, got {v!r}")
+        if not float(var_jitter) >= 0.0:
+            raise ValueError(f"fps_smc: var_jitter must be >= 0, got {var_jitter}")
+        self.y_level, self.proposal_var, self.start_form = y_level, proposal_var, start
+        self.clip_x0, self.gain_jitter, self.order, self.last_step = bool(clip_x0), float(var_jitter), order, last_step
         if not 0.0 < float(c_rate) <= 1.0:
             raise ValueError(f"fps_smc: c_rate must be in (0, 1], got {c_rate}")
         if not float(min_noise_std) > 0.0:
@@ -94,3 +117,25 @@ class FPSSMC(SpectralSMC):
 
     def potential(self, ctx: dict, L: int):
         return ctx["ys"][L], ctx["lv"][L] * ctx["r_eff"], ctx["obs"]
+
+    def step_potential(self, ctx: dict, i: int):
+        """Step i (level i = t -> i + 1 = s): centre ``y`` of level s (ours) or t (official); the weight's variance
+        ``a_s r`` and the proposal's ``a_s r`` (ours) or ``a_t r`` (official)."""
+        lv, r = ctx["lv"], ctx["r_eff"]
+        c = ctx["ys"][i + 1 if self.y_level == "s" else i]
+        return c, lv[i + 1] * r, lv[i + 1 if self.proposal_var == "s" else i] * r, ctx["obs"]
+
+    def start(self, ctx: dict, z: torch.Tensor) -> torch.Tensor:
+        """Level 0: ``N(0, I) g_0`` (ours) or the official ``get_mean(A^T y, vd) + get_noise(e, vd)`` with
+        ``vd = a_0 sigma^2``: mean ``vd / (vd + s^2) s (U^T y)``, i.e. ``vd`` times the product's mean, and
+        one noise draw (particle 0's) for all particles."""
+        if self.start_form == "product":
+            return super().start(ctx, z)
+        k = ctx["k"]
+        c, v, act = self.potential(ctx, 0)
+        vd = v * torch.where(ctx["obs"], ctx["s"], torch.ones_like(ctx["s"])) ** 2
+        z = z[:1].expand_as(z).clone()
+        z0 = z[:, :, :k].to(torch.float64)
+        Kp = 1.0 / (1.0 + v)
+        z[:, :, :k] = torch.where(act, vd * Kp * c + (Kp * v).sqrt() * z0, z0).to(z.dtype)
+        return z

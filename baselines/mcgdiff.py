@@ -25,7 +25,17 @@ factor); the chain runs to alpha_bar = 1 and the noisy case needs no final likel
 multiplies by p(y | x0) at the end, particle_filter.py:146-149); the official script returns one particle per run
 drawn by the final weights (scripts/viz_gaussian.py:150-151), as here by default, while ``draws_per_system``
 can also keep every particle of a system (the GMM benchmark setting); any strided schedule (no singular-value
-adapted timesteps, utils.py:136-155).
+adapted timesteps, utils.py:136-155).  Level 0 draws ``N(0, I)`` times the level-0 potential (``init="potential"``),
+the target the first weight's division by that potential assumes; the official starts from plain ``N(0, I)``
+(particle_filter.py:67-69; the caller's ``initial_particles``, scripts/viz_gaussian.py) and still divides
+(:100-109), so it weights by ``1 / g_0``: ``init="prior"`` (``compat.mcgdiff_init``).  With sigma_y = 0 the last step
+gains ``K = (1 - a_0) / (1 - a_0 + kappa)``: 0.5 at the default ``kappa = 1e-4 = 1 - a_0``, so the observed
+coordinates are only half pinned (the official last step, into t = 0, has a gain of 0.499 at 20 steps,
+particle_filter.py:115-120); a smaller
+``kappa`` (1e-8: K = 0.9999) pins them.  The official chain also stops at the last visited timestep (t = 0,
+``a_0 < 1``) without a last denoising step, pins there with variance ``kappa`` and divides that potential out of the
+final weights (particle_filter.py:124-131, 150-151: ``log_weights = -previous_log_likelihood``): ``end="t0"``
+(``compat.mcgdiff_end``), one network call fewer.
 """
 from __future__ import annotations
 
@@ -34,6 +44,8 @@ import math
 import torch
 
 from reddiff.samplers.smc import SpectralSMC
+
+INITS, ENDS = ("potential", "prior"), ("clean", "t0")
 
 
 class MCGDiff(SpectralSMC):
@@ -49,6 +61,8 @@ class MCGDiff(SpectralSMC):
         chunk_elements: most particle entries per network call (0: all N at once).
         draws_per_system: samples taken from one system of items sharing a measurement (1: one per item, as the
             official script; 0: all N particles; reddiff/samplers/smc.py).
+        init: level-0 particles, "potential" (``N(0, I) g_0``) or "prior" (plain ``N(0, I)``, official).
+        end: "clean" (run into alpha_bar = 1) or "t0" (official: stop at the last visited timestep; module docstring).
     """
 
     name = "mcgdiff"
@@ -69,15 +83,23 @@ class MCGDiff(SpectralSMC):
 
     def __init__(self, steps: int = 100, particles: int = 16, eta: float = 1.0, kappa: float = 1e-4,
                  resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 17,
-                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1):
+                 spacing: str = "default", log_every: int = 10, draws_per_system: int = 1, init: str = "potential",
+                 end: str = "clean"):
         super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every,
                          draws_per_system)
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"mcgdiff: eta must be in [0, 1], got {eta}")
         if not float(kappa) > 0.0:
             raise ValueError(f"mcgdiff: kappa must be > 0 (the pseudo-observation variance floor), got {kappa}")
+        for key, v, allowed in (("init", init, INITS), ("end", end, ENDS)):
+            if v not in allowed:
+                raise ValueError(f"mcgdiff: {key} must be one of {', '.join(allowed)}, got {v!r}")
+        if end == "t0" and self.steps < 2:
+            raise ValueError(f"mcgdiff: end='t0' stops one step early and needs steps >= 2, got {self.steps}")
+        self.end = end
         self.eta = float(eta)
         self.kappa = float(kappa)
+        self.init_draw = "product" if init == "potential" else "prior"
 
     def kernel_std(self, a_t: float, a_s: float) -> float:
         return self.eta * math.sqrt(max((1 - a_t / a_s) * (1 - a_s) / (1 - a_t), 0.0))
@@ -86,7 +108,7 @@ class MCGDiff(SpectralSMC):
         lv = ctx["levels"].to(ctx["device"])                       # (S+1,), increasing alpha_bar
         ratio = (1 - lv) / lv                                      # decreasing to 0 at the clean level
         r, obs = ctx["r"], ctx["obs"]
-        L = (ratio[None, None, :] > r[..., None]).sum(-1)          # first level with ratio <= r
+        L = (ratio[None, None, :] > r[..., None]).sum(-1).clamp_max(len(lv) - 1)   # first level with ratio <= r
         aL = lv[L]
         kappa = (aL * r - (1 - aL)).clamp_min(self.kappa)
         ctx["pin"] = torch.where(obs, L, torch.full_like(L, -1))

@@ -73,6 +73,11 @@ class Operator:
         """An image-shaped view of ``y`` for grids (the pseudo-inverse by default)."""
         return self.pinv(y)
 
+    def degraded_image(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` as the image the official DiffPIR starts from (``main_ddpir.py:295-312``, model units):
+        ``visualize(y)`` here (a blurred image is itself); inpainting and the downsamplers override it."""
+        return self.visualize(y)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 

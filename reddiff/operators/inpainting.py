@@ -227,6 +227,11 @@ class Inpainting(_PixelSVD):
         self._check_y(y, self.y_shape)
         return self._apply(y)
 
+    def degraded_image(self, y):
+        """y with -1 in the holes: the official DiffPIR start, its masked [0, 1] image mapped by 2u - 1
+        (main_ddpir.py:309-310)."""
+        return y - (1 - self.mask().to(y))
+
     def measure(self, x, rng):
         """``mask * (x + noise_std * eps)``: noise on observed pixels only (y stays 0 where missing)."""
         self._check_x(x)

@@ -13,8 +13,7 @@ Layout of the spectral vectors (per image, flattened, channels outermost):
   blocks ``Z[c, :m, :m]`` in (c, i, j) order; they pair with ``singulars()[c*m*m + i*m + j] = sa[i] * sa[j]``.
   Then come the null-space coefficients ``Z[c, :m, m:]`` (all c, row-major), then ``Z[c, m:, :]``.
   For square A (blurs) this is just ``Z`` flattened in (c, i, j) order.
-* ``Ut(y)``: ``Ua^T Y Ua`` flattened in (c, i, j) order (m x m per channel); ``U`` is its inverse and returns
-  an image-shaped ``(B, C, m, m)`` tensor.
+* ``Ut(y)``: ``Ua^T Y Ua`` flattened in (c, i, j) order (m x m per channel); ``U``, its inverse, returns images.
 * singular values are **not sorted**; zeros may appear anywhere among the first k.
 
 Truncation.  Per-axis singular values below ``svd_cutoff`` (absolute; the kernels sum to 1) are set to 0, as the
@@ -283,9 +282,6 @@ class SeparableOperator(ImageOpMixin, SVDOperator):
         W = z.reshape(B, *self.y_shape)
         return self._sandwich(self._t("Ua", W), W, self._t("Uat", W))
 
-    def visualize(self, y):
-        return self.pinv(y)
-
 
 class _Downsampler(SeparableOperator):
     def __init__(self, sigma_y: float = 0.0, factor: int = 4, svd_cutoff: float = 0.0):
@@ -302,6 +298,10 @@ class _Downsampler(SeparableOperator):
         """Nearest-neighbour upsampling of y to the image size."""
         self._check_y(y, self.y_shape)
         return y.repeat_interleave(self.factor, dim=-2).repeat_interleave(self.factor, dim=-1)
+
+    def degraded_image(self, y):
+        """Bicubic upsampling of y, the official DiffPIR start (``main_ddpir.py:295``)."""
+        return torch.nn.functional.interpolate(y, scale_factor=self.factor, mode="bicubic", align_corners=False)
 
 
 class BlockAverageSR(_Downsampler):

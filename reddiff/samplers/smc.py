@@ -18,8 +18,17 @@ auxiliary particle filter:
     z_i ~ N(m_i, sig^2)                                                             (others)
 
 A deterministic last step (``sig = 0``, DDIM/DDPM into alpha_bar = 1) uses ``sig^2 = 1 - a_t`` on the active
-coordinates only, so that a clean-level potential (noiseless data) pins them instead of only reweighting.
-Level 0 draws ``z ~ N(0, I) g_0`` exactly (``p(x_T) ~ N(0, I)``), so the weights start uniform.  Constants of the
+coordinates only, so that a clean-level potential (noiseless data) acts on them instead of only reweighting: the
+gain is ``(1 - a_t) / (1 - a_t + v)``, so a potential variance ``v`` far below ``1 - a_t`` pins them.
+Level 0 draws ``z ~ N(0, I) g_0`` exactly (``p(x_T) ~ N(0, I)``), so the weights start uniform.
+
+Official forms kept switchable (class attributes set by the subclasses from their ``compat`` keys; defaults ours):
+``init_draw="prior"`` (plain ``N(0, I)`` at level 0, MCG-diff), ``order="draw_first"`` (draw every particle from
+the proposal, weight the drawn state by ``g(z) p(z | x) / q(z)``, then copy the survivors, FPS-SMC),
+``clip_x0`` (x0_hat clamped to [-1, 1] in pixel space), ``gain_jitter`` (a constant added to the kernel variance in
+the gain), ``last_step="x0_hat"`` (the last step returns x0_hat unconditioned and unweighted), ``end="t0"``
+(stop at the last visited timestep, one network call fewer, and divide its potential out of the final weights,
+MCG-diff) and, through :meth:`step_potential`, a proposal variance other than the weight's.  Constants of the
 Gaussian log-densities that are equal for all particles of an item are dropped (they cancel on normalising).
 The network runs on chunks of at most ``chunk_elements`` particle entries (whole particle slabs of B rows; 0: all at
 once), and ``prior.nfe`` is kept honest per image: ``N`` evaluations per step.
@@ -43,6 +52,12 @@ class SpectralSMC(Sampler):
 
     requires = ("svd",)
     divide_previous: bool = False
+    init_draw: str = "product"          # product: N(0, I) g_0 | prior: N(0, I)
+    order: str = "adapted"              # adapted: weight, resample, draw | draw_first: draw, weight, copy
+    clip_x0: bool = False
+    gain_jitter: float = 0.0
+    last_step: str = "condition"        # condition | x0_hat
+    end: str = "clean"                  # clean: run into alpha_bar = 1 | t0: stop at the last visited timestep
 
     def __init__(self, steps: int, particles: int, resampling: str = "multinomial", ess_threshold: float = 1.0,
                  chunk_elements: int = 2 ** 17, spacing: str = "default", log_every: int = 10,
@@ -81,8 +96,24 @@ class SpectralSMC(Sampler):
         """Noise std of the backward kernel from ``alpha_bar = a_t`` to ``a_s``."""
         raise NotImplementedError
 
+    def step_potential(self, ctx: dict, i: int):
+        """``(c, v_weight, v_proposal, active)`` of step ``i`` (level i -> i+1): the potential at level i+1."""
+        c, v, act = self.potential(ctx, i + 1)
+        return c, v, v, act
+
+    def start(self, ctx: dict, z: torch.Tensor) -> torch.Tensor:
+        """Level-0 particles from the standard normals ``z`` ``(N, B, n)``: ``N(0, I) g_0`` or ``N(0, I)``."""
+        if self.init_draw == "prior":
+            return z
+        k = ctx["k"]
+        c, v, act = self.potential(ctx, 0)
+        z0 = z[:, :, :k].to(torch.float64)
+        Kp = 1.0 / (1.0 + v)
+        z[:, :, :k] = torch.where(act, Kp * c + (Kp * v).sqrt() * z0, z0).to(z.dtype)
+        return z
+
     def expected_nfe(self, prior) -> int:
-        return len(self.timesteps(prior)) * self.particles
+        return (len(self.timesteps(prior)) - (self.end == "t0")) * self.particles
 
     # ------------------------------------------------------------------ helpers
     def _spectral(self, y, operator, prior) -> dict:
@@ -140,12 +171,40 @@ class SpectralSMC(Sampler):
         anc = torch.where(do[:, None], anc, ident)
         return anc, torch.where(do[:, None], torch.zeros_like(logw), logw)
 
+    def _clip(self, x0b: torch.Tensor, operator, prior) -> torch.Tensor:
+        """``V^T clamp(V x0b, -1, 1)`` for all particles ``(N, B, n)``."""
+        N, B, n = x0b.shape
+        per_image = bool(getattr(operator, "per_image", False))
+        x = self._apply(operator.V, x0b.reshape(N * B, n), B, per_image).reshape((N * B,) + tuple(prior.shape))
+        return self._apply(operator.Vt, x.clamp(-1.0, 1.0), B, per_image).reshape(N, B, n)
+
     @staticmethod
     def _gather(m: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
         """``m[anc[b, j], b]`` for ``m`` of shape ``(N, B, n)`` and ``anc`` ``(B, N)``."""
         N, B, n = m.shape
         rows = (anc.T * B + torch.arange(B, device=m.device)[None, :]).reshape(-1)
         return m.reshape(N * B, n).index_select(0, rows).reshape(N, B, n)
+
+    def _reweight(self, logw, incr, ctx, i, act, zprev, rng):
+        """Add the step's log-weight ``incr`` ``(N, B, k)`` (over the potential of level i for MCG-diff's
+        ``divide_previous``) and resample: ``(log-weights, ancestors)``."""
+        incr = incr.sum(-1)
+        if self.divide_previous:
+            cp, vp, _ = self.potential(ctx, i)
+            incr = incr - torch.where(act, -0.5 * (zprev - cp) ** 2 / vp, torch.zeros_like(zprev)).sum(-1)
+        anc, logw = self._resample(logw + incr.T, rng)
+        return logw, anc
+
+    def _draw(self, m, sig, K, var, c, act, rng):
+        """``N(m, sig^2)`` per coordinate, ``N(m + K (c - m), var)`` on the active observed ones."""
+        N, B, n = m.shape
+        k = c.shape[-1]
+        noise = rng.randn((B, N, n), dtype=m.dtype).to(m.device).transpose(0, 1)
+        z = m + sig * noise
+        mo = m[:, :, :k].to(torch.float64)
+        zo = K * c + (1 - K) * mo + var.sqrt() * noise[:, :, :k].to(torch.float64)
+        z[:, :, :k] = torch.where(act, zo, z[:, :, :k].to(torch.float64)).to(m.dtype)
+        return z
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
@@ -154,52 +213,59 @@ class SpectralSMC(Sampler):
         self.check(operator)
         ts = self.timesteps(prior)
         sch = prior.schedule
-        lv = [float(sch.alpha_bar_at(t)) for t in ts] + [1.0]
+        lv = [float(sch.alpha_bar_at(t)) for t in ts] + ([1.0] if self.end == "clean" else [])
         ctx = self._spectral(y, operator, prior)
         ctx["levels"] = torch.tensor(lv, dtype=torch.float64)
         self.setup_potentials(ctx, rng)
         B, n, k, N = ctx["B"], ctx["n"], ctx["k"], self.particles
         dtype, device = ctx["dtype"], ctx["device"]
 
-        # level 0: z ~ N(0, I) g_0 (exact product of Gaussians, uniform weights)
-        z = rng.randn((B, N, n), dtype=dtype).to(device).transpose(0, 1).contiguous()
-        c, v, act = self.potential(ctx, 0)
-        z0 = z[:, :, :k].to(torch.float64)
-        Kp = 1.0 / (1.0 + v)
-        z[:, :, :k] = torch.where(act, Kp * c + (Kp * v).sqrt() * z0, z0).to(dtype)
+        # level 0: z ~ N(0, I) g_0 by default (exact product of Gaussians, uniform weights)
+        z = self.start(ctx, rng.randn((B, N, n), dtype=dtype).to(device).transpose(0, 1).contiguous())
         logw = torch.zeros(B, N, dtype=torch.float64, device=device)
 
-        last = len(ts) - 1
-        for i, t in enumerate(ts):
+        last = len(lv) - 2
+        for i, t in enumerate(ts[:last + 1]):
             a_t, a_s = lv[i], lv[i + 1]
             sig = float(self.kernel_std(a_t, a_s))
             c2 = math.sqrt(max(1.0 - a_s - sig * sig, 0.0))
             eb = self._eps_spectral(z, t, operator, prior, ctx)
             x0b = (z - math.sqrt(1 - a_t) * eb) / math.sqrt(a_t)
+            if self.clip_x0:
+                x0b = self._clip(x0b, operator, prior)
             m = math.sqrt(a_s) * x0b + c2 * eb
-            c, v, act = self.potential(ctx, i + 1)
-            mo = m[:, :, :k].to(torch.float64)
-            # a deterministic last step (sig = 0) gives the observed coordinates the kernel variance 1 - a_t
-            # (Tweedie's scale), so that a potential at the clean level can still pin them
-            sig_o = sig if sig > 0 else math.sqrt(1 - a_t)
-            tot = sig_o * sig_o + v
-            incr = torch.where(act, -0.5 * (mo - c) ** 2 / tot, torch.zeros_like(mo)).sum(-1)
-            if self.divide_previous:
-                cp, vp, _ = self.potential(ctx, i)
-                zo = z[:, :, :k].to(torch.float64)
-                incr = incr - torch.where(act, -0.5 * (zo - cp) ** 2 / vp, torch.zeros_like(zo)).sum(-1)
-            logw = logw + incr.T
-            anc, logw = self._resample(logw, rng)
-            m = self._gather(m, anc)
-            noise = rng.randn((B, N, n), dtype=dtype).to(device).transpose(0, 1)
-            z = m + sig * noise
-            mo = m[:, :, :k].to(torch.float64)
-            K = sig_o * sig_o / tot
-            zo = K * c + (1 - K) * mo + (K * v).sqrt() * noise[:, :, :k].to(torch.float64)
-            z[:, :, :k] = torch.where(act, zo, z[:, :, :k].to(torch.float64)).to(dtype)
+            if i == last and self.last_step == "x0_hat":           # a_s = 1: m is x0_hat; no weight, no draw
+                z = m
+            else:
+                c, v, vq, act = self.step_potential(ctx, i)
+                # a deterministic last step (sig = 0) gives the observed coordinates the kernel variance 1 - a_t
+                # (Tweedie's scale), so that a potential at the clean level can still pin them
+                sig_o = sig if sig > 0 else math.sqrt(1 - a_t)
+                P = sig_o * sig_o + self.gain_jitter
+                K = P / (P + vq)                                       # gain; the draw's variance:
+                var = K * vq * (sig_o * sig_o / P)                     # sig_o^2 vq / (P + vq)
+                zprev = z[:, :, :k].to(torch.float64)
+                if self.order == "adapted":
+                    mo = m[:, :, :k].to(torch.float64)
+                    incr = torch.where(act, -0.5 * (mo - c) ** 2 / (sig_o * sig_o + v), torch.zeros_like(mo))
+                    logw, anc = self._reweight(logw, incr, ctx, i, act, zprev, rng)
+                    z = self._draw(self._gather(m, anc), sig, K, var, c, act, rng)
+                else:
+                    z = self._draw(m, sig, K, var, c, act, rng)
+                    mo, zo = m[:, :, :k].to(torch.float64), z[:, :, :k].to(torch.float64)
+                    mu = K * c + (1 - K) * mo                          # log g(z) + log p(z | x) - log q(z)
+                    lq = (zo - mu) ** 2 * (1.0 / (sig_o * sig_o) + 1.0 / vq)
+                    incr = -0.5 * ((zo - c) ** 2 / v + (zo - mo) ** 2 / (sig_o * sig_o) - lq)
+                    logw, anc = self._reweight(logw, torch.where(act, incr, torch.zeros_like(incr)), ctx, i, act,
+                                               zprev, rng)
+                    z = self._gather(z, anc)
             if callback is not None and self.should_log(i, last):
                 w = torch.softmax(logw, 1)
                 callback(i, {"t": t, "ess": (1.0 / (w * w).sum(1)).mean().item()})
+        if self.end == "t0" and self.divide_previous:          # the chain stops at a level with a potential:
+            cp, vp, act = self.potential(ctx, last + 1)        # divide it out of the final weights
+            zo = z[:, :, :k].to(torch.float64)
+            logw = logw + torch.where(act, 0.5 * (zo - cp) ** 2 / vp, torch.zeros_like(zo)).sum(-1).T
         per_image = bool(getattr(operator, "per_image", False))
         x = self._apply(operator.V, z.reshape(N * B, n), B, per_image).reshape((N, B) + tuple(prior.shape))
         return x.transpose(0, 1), logw
