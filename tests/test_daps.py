@@ -245,3 +245,78 @@ def test_time_input_is_validated_and_counted():
         prior.reset_nfe()
         d.sample(y, op, prior, BatchRNG([0, 1]))
         assert prior.nfe == d.expected_nfe(prior) == 15
+
+
+# ------------------------------------------------------------------------------------------ nonlinear operators
+def _centred_dft(m: int):
+    """The 1-D centred orthonormal DFT matrix ``fftshift(fft(ifftshift(.), norm='ortho'))`` (numpy): the 2-D one,
+    fastMRI's ``fft2c_new`` (DAPS forward_operator/fastmri_utils.py:67-89), is ``F X F^T``."""
+    import numpy as np
+
+    eye = np.eye(m)
+    return np.stack([np.fft.fftshift(np.fft.fft(np.fft.ifftshift(eye[k]), norm="ortho")) for k in range(m)], 1)
+
+
+def _loss_grad(task: str, op, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``grad_z sum (A(z) - y)^2`` written out by hand (no autograd, no torch FFT), float64."""
+    import numpy as np
+
+    if task == "hdr":                                   # A(z) = clip(2 z, -1, 1)
+        a = 2.0 * z
+        return 2.0 * (a.clamp(-1, 1) - y) * 2.0 * (a.abs() < 1).double()
+    p, n = op.pad, z.shape[-1]                          # A(z) = |F pad(z) F^T|
+    F = _centred_dft(n + 2 * p)
+    zp = np.pad(z.numpy(), ((0, 0), (0, 0), (p, p), (p, p)))
+    U = F @ zp @ F.T
+    G = 2.0 * (np.abs(U) - y.numpy()) * U / np.abs(U)   # d loss = Re <G, dU>
+    g = np.real(F.conj().T @ G @ F.conj())              # adjoint of X -> F X F^T, then real part
+    return torch.from_numpy(g[..., p:p + n, p:p + n].copy())
+
+
+@pytest.mark.parametrize("task", ["hdr", "phase_retrieval"])
+def test_langevin_loop_on_a_nonlinear_operator_is_the_official_step(task):
+    """The ``langevin_impl=loop`` chain on a nonlinear operator, every state recomputed from the official step
+    (zhangbingliang2019/DAPS @098df6b): the chain starts at x0hat (cores/mcmc.py:149); score = data + xt + prior
+    terms (:46-50) = -grad loss / tau^2 + (xt - x) / sigma^2 + (x0hat - xt) / sigma^2 (prior_solver 'gaussian',
+    :71-72, the official pixel configs), loss = sum (A(x) - y)^2 (forward_operator/__init__.py:88, its gradient
+    :102-104); x <- x + lr score + sqrt(2 lr) eps (:88); lr = lr0 (1 + ratio (lr_min_ratio - 1)) (:174-180) with
+    ratio = step / (N + 1) (sampler.py:73, cores/scheduler.py:39); then x_{k+1} = x0y + sigma_{k+1} n
+    (sampler.py:76-79).  Float64, two levels, three Langevin steps each, two images."""
+    from fidelity_case import RecordingPrior, RecordingRNG
+    from reddiff import registry
+
+    shape = (2, 3, 8, 8)
+    g = torch.Generator().manual_seed(4)
+    prior = RecordingPrior(shape=shape[1:])
+    op = registry.build_operator(task).setup(None, shape, dtype=torch.float64)
+    x_true = 1.6 * torch.rand(shape, generator=g, dtype=torch.float64) - 0.8
+    y = op.forward(x_true)
+    y = y + 0.05 * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    lr0, ratio, tau, steps, n_lgv = 2e-3, 0.2, 0.3, 2, 3
+    d = DAPS(steps=steps, ode_steps=1, ode_sigma_min=0.0, sigma_max=2.0, sigma_min=0.5, langevin_steps=n_lgv,
+             lr=lr0, lr_min_ratio=ratio, tau=tau, langevin_impl="loop", log_every=1)
+    rng, seen = RecordingRNG([0, 1]), []
+    out = d.sample(y, op, prior, rng, callback=lambda k, info: seen.append(info["x0"].clone()))
+    normals = iter(rng.normals())
+    plan = d.plan(prior)
+    xt = plan[0][1] * next(normals)
+    no_data_gap = 0.0
+    for k, (t, s, pts, s_next) in enumerate(plan):
+        assert [p[0] for p in pts] == [t, -1]                       # one Euler step to sigma = 0: Tweedie
+        x_in, t_in, eps = prior.calls[k]
+        a = float(prior.schedule.alpha_bar_at(t))
+        assert bool((torch.as_tensor(t_in) == t).all()) and torch.allclose(x_in, math.sqrt(a) * xt, rtol=0, atol=1e-12)
+        x0hat = xt - s * eps
+        lr = lr0 * (1.0 + (k / (steps + 1)) * (ratio - 1.0))
+        x, x_nodata = x0hat.clone(), x0hat.clone()
+        for _ in range(n_lgv):
+            e = next(normals)
+            score = -_loss_grad(task, op, x, y) / tau ** 2 + (xt - x) / s ** 2 + (x0hat - xt) / s ** 2
+            x = x + lr * score + math.sqrt(2 * lr) * e
+            x_nodata = x_nodata + lr * (x0hat - x_nodata) / s ** 2 + math.sqrt(2 * lr) * e
+        assert torch.allclose(seen[k], x, rtol=0, atol=1e-12), float((seen[k] - x).abs().max())
+        no_data_gap = max(no_data_gap, float((x - x_nodata).abs().max()))
+        xt = x + s_next * next(normals) if s_next > 0 else x
+    assert next(normals, None) is None and len(prior.calls) == steps
+    assert torch.allclose(out, xt, rtol=0, atol=1e-12)
+    assert no_data_gap > 1e-3                                       # the nonlinear data term moves the chain
