@@ -3,7 +3,9 @@
     python -m benchmarks.compat_effects [--md results/compat_effects.md] [--no-samplers]
 
 Operator rows are exact linear algebra on the 12 demo images (64 px); the sampler rows (RED-diff batch-mean
-loss, DDRM last step) run the embedded prior on the first 4 demo images (about a minute on one CPU core).
+loss, DDRM last step) run the embedded prior on the first 4 demo images (about a minute on one CPU core); rows 9-21
+(DDNM+, DiffPIR, MCG-diff, FPS-SMC, DAPS, PnP-DM: ``benchmarks/compat_effects_samplers.py``, its docstring has the
+sizes) run each sampler with our default and with the official value of one key (about 5 minutes more).
 Nothing here needs the official code: each quirk is the switch of our own implementation.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import datetime
 import math
 import sys
+import time
 
 import torch
 
@@ -77,17 +80,24 @@ def operator_rows(x: torch.Tensor) -> list[tuple[str, str]]:
     dp = psnr(png_roundtrip(xb.float()).double(), x) - psnr(xb, x)
     rows.append(("PNG round trip before PSNR (H^+ y of deblur_uniform, demo set): PSNR change in dB",
                  f"mean {dp.mean():+.3f}, largest change {dp.abs().max():.3f}"))
+    pr = build_operator("phase_retrieval").setup(None, x.shape, dtype=torch.float64)
+    r = rel(pr.forward((x + 1) / 2), pr.forward(x) / 2)   # ours (DPS, RED-diff) | DAPS, PnP-DM: the [0, 1] image
+    rows.append(("phase retrieval input (no switch, row 22): ‖A((x+1)/2) − A(x)/2‖ / ‖A(x)/2‖, demo set",
+                 f"mean {r.mean():.2f}, min {r.min():.2f}, max {r.max():.2f}"))
     return rows
 
 
-def sampler_rows() -> list[tuple[str, str]]:
+def load_prior():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    return instantiate(OmegaConf.load("conf/prior/embedded.yaml"), device="cpu")
+
+
+def sampler_rows(prior) -> list[tuple[str, str]]:
     from reddiff.registry import build_sampler
     from reddiff.core.rng import BatchRNG
 
-    prior = instantiate(OmegaConf.load("conf/prior/embedded.yaml"), device="cpu")
     x = demo_images(4).float()
     idx = list(range(4))
     rows = []
@@ -114,13 +124,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--md", default=None, help="write a Markdown table here")
     ap.add_argument("--no-samplers", action="store_true", help="operator rows only (seconds)")
+    ap.add_argument("--no-round2", action="store_true", help="skip rows 9-21 (DDNM+ ... PnP-DM; minutes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = operator_rows(demo_images()) + ([] if args.no_samplers else sampler_rows())
+    start, cpu = time.perf_counter(), time.process_time()
+    rows, notes = operator_rows(demo_images()), []
+    if not args.no_samplers:
+        prior = load_prior()
+        rows += sampler_rows(prior)
+        if not args.no_round2:
+            from benchmarks.compat_effects_samplers import sampler_rows_round2
+
+            more, timing = sampler_rows_round2(prior, demo_images(4).float())
+            rows += more
+            notes.append(f"Rows 9-21: {timing}.")
     cmd = " ".join(["python -m benchmarks.compat_effects"] + (sys.argv[1:] if argv is None else list(argv)))
-    lines = [f"Command: `{cmd}` ({datetime.date.today()})", "",
+    lines = [f"Command: `{cmd}` ({datetime.date.today()}, "
+             f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU, one thread)", "",
              "| quirk (compat key) measurement | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    if notes:
+        lines += [""] + notes
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:
