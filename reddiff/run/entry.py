@@ -26,11 +26,38 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+def parse_overrides(argv: list[str]) -> list:
+    """Hydra's own parse of the ``key=value`` arguments, so a value Hydra would reject (an unquoted non-ASCII
+    path, say) is refused in one line before anything is created, and a quoted value is used unquoted."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    parser = OverridesParser.create()
+    out = []
+    for arg in args:
+        try:
+            out.extend(parser.parse_overrides([arg]))
+        except OverrideParseException:
+            _fail(f"cannot parse the override {arg!r}: quote a value holding spaces, non-ASCII or special "
+                  "characters, e.g. 'hydra.run.dir=\"/path/with é\"'")
+    return out
+
+
 def preflight(argv: list[str]) -> None:
-    """One clear line and exit 2 when an explicit output folder cannot be created or written."""
-    for arg in argv:
-        key, sep, val = arg.lstrip("+").partition("=")
-        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in val:
+    """One clear line and exit 2, before Hydra starts, for an override Hydra cannot parse, a tuning budget of no
+    trial, or an explicit output folder that cannot be created or written or is held by another run."""
+    for ov in parse_overrides(argv):
+        key = ov.key_or_group
+        if ov.is_sweep_override() or ov.is_delete():
+            continue
+        val = ov.value()
+        if key == "hydra.sweeper.n_trials":
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                _fail(f"hydra.sweeper.n_trials must be an integer >= 1 (a study needs a trial to report a best "
+                      f"setting), got {ov.get_value_element_as_str()}")
+            continue
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not isinstance(val, str) or "${" in val:
             continue
         p = Path(val).expanduser().absolute()
         probe = p

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,25 @@ def build(node, what: str, **kwargs):
         raise
 
 
+#: the largest ``seed``: per-image streams use ``seed + index (+ MEASUREMENT_SEED_OFFSET)``, which must stay
+#: inside the 64-bit range torch's generators take
+SEED_MAX = 2 ** 62
+
+
 def check_scalars(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, scalars the run cannot use: batch size, seed range, noise level."""
     bs = cfg.get("batch_size")
     if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
         raise UserError(f"batch_size must be a positive integer, got {bs!r}")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed must be an integer in [0, 2**62], got {seed!r}")
+    task = cfg.get("task")
+    sig = task.get("sigma_y") if isinstance(task, DictConfig) else None
+    if sig is not None:
+        ok = isinstance(sig, (int, float)) and not isinstance(sig, bool) and math.isfinite(sig) and 0 <= sig <= 1
+        if not ok:
+            raise UserError(f"task.sigma_y must be a finite number in [0, 1] (pixel units, README), got {sig!r}")
 
 
 def wandb_group(cfg: DictConfig) -> str | None:
