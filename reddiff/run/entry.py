@@ -81,6 +81,30 @@ def preflight(argv: list[str]) -> None:
                 _fail(str(e))
 
 
+def kept_rows(job_dir: Path) -> int:
+    """Complete rows of ``job_dir/metrics.csv`` (a half-written last line is not counted: it is redone)."""
+    from reddiff.store.results import read_rows
+
+    csv = Path(job_dir) / "metrics.csv"
+    try:
+        return len(read_rows(csv)) if csv.is_file() else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def resume_command(overrides, job_dir: Path) -> str:
+    """The command that resumes this job: its own overrides with ``hydra.run.dir`` pinned to its folder (the
+    default folder name holds the start time, so the bare command would start afresh elsewhere)."""
+    import re
+    import shlex
+
+    keep = [o for o in overrides if o.lstrip("+").split("=", 1)[0] not in ("hydra.run.dir", "hydra.sweep.dir")]
+    val = str(job_dir)
+    if not re.fullmatch(r"[\w/.:+-]+", val, re.ASCII):  # Hydra's own quoting, then the shell's
+        val = '"' + val.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return " ".join(["python run.py", *(shlex.quote(o) for o in keep), shlex.quote(f"hydra.run.dir={val}")])
+
+
 def _job(cfg):
     """One job; returns the objective (mean PSNR, :func:`reddiff.tune.sweeper.objective`) for Hydra's sweepers."""
     from hydra.core.hydra_config import HydraConfig
@@ -92,6 +116,10 @@ def _job(cfg):
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return objective(cfg, run(apply_tuned(cfg), job_dir))
+    except KeyboardInterrupt:
+        print(f"interrupted: {kept_rows(job_dir)} row(s) kept in {job_dir / 'metrics.csv'}; resume with: "
+              f"{resume_command(HydraConfig.get().overrides.task, job_dir)}", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         # one clear line, no traceback; earlier results in the job dir are kept
         msg = f"error: {e}"

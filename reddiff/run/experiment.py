@@ -191,6 +191,11 @@ def _run(cfg: DictConfig, job_dir: Path) -> dict:
                 seed=int(cfg.seed), batch_size=int(cfg.batch_size), device=device, logger=logger,
                 save_images=bool(cfg.save_images), progress=bool(cfg.progress),
                 desc=f"{ident['sampler']} on {ident['task']}")
+    if not store.rows and sink.inputs.skipped:  # like an empty selection: no image could be scored
+        first_id, why = next(iter(sink.inputs.skipped.items()))
+        raise UserError(f"data={ident['data']}: every image of the selection was skipped "
+                        f"({len(sink.inputs.skipped)} unreadable; first: {first_id}: {why!s:.300})".replace("\n", "\\n")
+                        + "; nothing to score")
     summary = summarize(store, suite, base, sink.inputs.as_dict(), time.time() - t_job)
     write_job_grid(job_dir, store.rows, dataset, summary, int(cfg.grid_images))
     atomic_write_text(job_dir / "summary.json", json.dumps(summary, indent=2, default=str))

@@ -7,11 +7,13 @@
   ``archive=true``, which moves the old results into ``archived/<time>/``).  Keys in :data:`EXCLUDE` only change
   how a job runs or is logged, not its rows.  ``merge_key`` leaves out the sharding keys, the one difference
   allowed between shards that ``python -m reddiff.tables`` merges.
-* **Lock.**  :class:`JobLock` holds ``fcntl.flock`` on ``.lock`` for the job's lifetime; a second process is
-  refused at once (non-blocking) with the holder's PID.  The kernel drops the lock when its holder dies, so a
+* **Lock.**  :class:`JobLock` holds ``fcntl.flock`` on the job folder itself for the job's lifetime (``.lock``
+  only names the holder's PID, so deleting it lets no one in); a second process is refused at once
+  (non-blocking) with the holder's PID.  The kernel drops the lock when its holder dies, so a
   lock left by ``kill -9`` never blocks a rerun.
 * **Inputs log.**  ``inputs.json`` keeps the skipped (corrupt) images and the converted ones (alpha dropped,
-  up/down-scaled) across resumed runs, so ``summary.json`` counts them all and a resume does not redo them.
+  up/down-scaled) across resumed runs, so ``summary.json`` counts them all and a resume does not redo them,
+  and the sha256 of every input file a row was computed from: a resume over changed files is refused.
 """
 from __future__ import annotations
 
@@ -117,8 +119,21 @@ def archive_results(job_dir: Path) -> Path:
     return dest
 
 
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()[:64] or "?"
+    except OSError:
+        return "?"
+
+
+def _busy(job_dir: Path) -> UserError:
+    return UserError(f"{job_dir} is in use by another run (PID {_holder(Path(job_dir) / '.lock')}); wait for it "
+                     "to finish or use another folder")
+
+
 class JobLock:
-    """``fcntl.flock`` on ``<job_dir>/.lock`` (non-blocking); the file holds the holder's PID."""
+    """``fcntl.flock`` on the job folder itself (non-blocking), so deleting ``.lock`` under a running holder
+    cannot let a second writer in; ``.lock`` only holds the holder's PID for the refusal message."""
 
     def __init__(self, job_dir: Path):
         self.path = Path(job_dir) / ".lock"
@@ -126,16 +141,13 @@ class JobLock:
 
     def acquire(self) -> "JobLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another run (PID {holder}); wait for it to finish "
-                            "or use another folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise _busy(self.path.parent) from None
+        atomic_write_text(self.path, f"{os.getpid()}\n")
         self.fd = fd
         return self
 
@@ -153,20 +165,25 @@ class JobLock:
 
 
 def probe_lock(job_dir: Path) -> None:
-    """Raise the :class:`JobLock` refusal if another process holds ``job_dir``'s lock; never creates or writes the
-    lock file (a probe must not look like a holder), and holds the lock only for the instant of the test."""
-    path = Path(job_dir) / ".lock"
-    if not path.exists():
+    """Raise the :class:`JobLock` refusal if another process holds ``job_dir``; never creates or writes anything
+    (a probe must not look like a holder), and holds the lock only for the instant of the test."""
+    if not Path(job_dir).is_dir():
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        raise UserError(f"{path.parent} is in use by another run (PID {holder}); wait for it to finish "
-                        "or use another folder") from None
+        raise _busy(Path(job_dir)) from None
     finally:
         os.close(fd)  # closing the descriptor releases a lock taken here
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class InputsLog:
@@ -177,13 +194,33 @@ class InputsLog:
         d = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.skipped: dict[str, str] = {s["image_id"]: s["reason"] for s in d.get("skipped", [])}
         self.converted: dict[str, list[str]] = d.get("converted", {})
+        #: image id -> sha256 of the file its row was computed from (ids of in-memory sources have none)
+        self.sha256: dict[str, str] = d.get("sha256", {})
 
-    def update(self, skipped: dict[str, str], converted: dict[str, list[str]]) -> None:
-        if not skipped and not converted:
+    def update(self, skipped: dict[str, str], converted: dict[str, list[str]],
+               sha256: Optional[dict[str, str]] = None) -> None:
+        sha256 = {k: v for k, v in (sha256 or {}).items() if self.sha256.get(k) != v}
+        if not skipped and not converted and not sha256:
             return
         self.skipped.update(skipped)
         self.converted.update(converted)
-        atomic_write_text(self.path, json.dumps(self.as_dict(), indent=1))
+        self.sha256.update(sha256)
+        atomic_write_text(self.path, json.dumps({**self.as_dict(), "sha256": self.sha256}, indent=1))
+
+    def check_sources(self, dataset, done: set[str]) -> None:
+        """Refuse a resume whose input files changed since their rows were written (same ids, other content):
+        the folder would mix results of two data sets.  Rows written before hashes were kept are not checked."""
+        for e in dataset.entries():
+            old = self.sha256.get(e.image_id)
+            if old is None or e.image_id not in done:
+                continue
+            src = dataset.source(e)
+            new = file_sha256(src) if isinstance(src, (str, Path)) and Path(src).is_file() else None
+            if new != old:
+                now = "is gone" if new is None else f"now has sha256 {new[:12]}..., not {old[:12]}..."
+                raise UserError(f"input {e.image_id} ({src}) {now}: the data changed since its row was written in "
+                                f"{self.path.parent}; use another folder (hydra.run.dir=...), or add archive=true to "
+                                "move the old results aside and start afresh")
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

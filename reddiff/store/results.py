@@ -92,6 +92,8 @@ class ResultStore:
         """Persist one image: features first (atomic), then the CSV line (single write, fsync)."""
         if row["image_id"] in self.done_ids():
             return
+        if any(c in str(row["image_id"]) for c in "\r\n"):  # would split its row in two (data.base.safe_id)
+            raise ValueError(f"image id {row['image_id']!r} holds a line break; it cannot be one row of metrics.csv")
         if features:
             buf = io.BytesIO()
             np.savez(buf, **features)
