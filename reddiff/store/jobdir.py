@@ -210,7 +210,14 @@ class InputsLog:
     def check_sources(self, dataset, done: set[str]) -> None:
         """Refuse a resume whose input files changed since their rows were written (same ids, other content):
         the folder would mix results of two data sets.  Rows written before hashes were kept are not checked."""
-        for e in dataset.entries():
+        entries = dataset.entries()
+        present = {e.image_id for e in entries}
+        gone = sorted(i for i in done if i in self.sha256 and i not in present)
+        if gone:
+            raise UserError(f"input {gone[0]} is gone from the data ({len(gone)} image(s) with rows in "
+                            f"{self.path.parent} are no longer in the selection); use another folder "
+                            "(hydra.run.dir=...), or add archive=true to move the old results aside and start afresh")
+        for e in entries:
             old = self.sha256.get(e.image_id)
             if old is None or e.image_id not in done:
                 continue

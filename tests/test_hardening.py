@@ -1,0 +1,309 @@
+"""Issue 28: each row of the hardening table replayed (rows 1-13), bounded in time and independent of the
+machine's speed.  Process-level cases run ``run.py`` or a small driver in a subprocess."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from reddiff.core.errors import UserError
+from reddiff.store.results import read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["logger=none", "progress=false", "metrics=fast", "sampler.steps=3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+       "PYTHONPATH": str(ROOT)}
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def job(out: Path, *overrides):
+    from reddiff.run.experiment import run
+
+    return run(compose_cfg(*FAST, *overrides), out)
+
+
+def cli(*args, timeout=300, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith(("error:", "interrupted:")) or "Traceback" in ln]
+
+
+def write_png(path: Path, seed: int, size: int = 64) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+# ------------------------------------------------------------------------------------------------ row 1
+def test_row01_deleting_the_lock_file_lets_no_second_writer_in(tmp_path):
+    from reddiff.store.jobdir import JobLock, probe_lock
+
+    d = tmp_path / "D"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from reddiff.store.jobdir import JobLock; "
+                               f"JobLock({str(d)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (d / ".lock").unlink()                                   # the careless user's step
+        with pytest.raises(UserError, match="in use by another run"):
+            JobLock(d).acquire()
+        with pytest.raises(UserError, match="in use by another run"):
+            probe_lock(d)
+        with pytest.raises(UserError, match="in use by another run"):
+            job(d, "data.count=1")
+        assert not (d / "metrics.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    JobLock(d).acquire().release()                               # the holder's death frees the folder
+
+
+# ------------------------------------------------------------------------------------------------ row 2
+def test_row02_changed_input_file_is_refused_not_mixed(tmp_path):
+    data, d = tmp_path / "imgs", tmp_path / "D"
+    for i in range(2):
+        write_png(data / f"p{i}.png", i)
+    args = ["data=folder", f"data.root={data}", "batch_size=1"]
+    job(d, *args)
+    assert set(json.loads((d / "inputs.json").read_text())["sha256"]) == {"p0", "p1"}
+    before = (d / "metrics.csv").read_text()
+    write_png(data / "p0.png", 7)                               # same name, other content
+    with pytest.raises(UserError, match=r"input p0 .* now has sha256 .* the data changed"):
+        job(d, *args)
+    assert (d / "metrics.csv").read_text() == before
+    (data / "p0.png").unlink()
+    with pytest.raises(UserError, match=r"^input p0 is gone from the data \(1 image\(s\) with rows in "):
+        job(d, *args)
+    write_png(data / "p0.png", 0)                               # the original bytes again: the folder is usable
+    s = job(d, *args)
+    assert s["n_images"] == 2 and (d / "metrics.csv").read_text() == before
+
+
+# ------------------------------------------------------------------------------------------------ row 3
+@pytest.mark.parametrize("sampler", ["mcgdiff", "fps_smc"])
+def test_row03_particle_memory_refused_before_any_work(tmp_path, sampler):
+    d = tmp_path / "D"
+    p = cli(f"sampler={sampler}", "sampler.particles=10000000", "logger=none", "data.count=1", f"hydra.run.dir={d}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = error_lines(p.stderr)
+    assert "10000000 particles x 1 system(s) x 12288 values need about 2746.6 GiB" in line
+    assert "lower sampler.particles" in line
+    assert not (d / "metrics.csv").exists()
+
+
+def test_row03_memory_check_counts_the_batch(monkeypatch):
+    from reddiff.registry import sampler_class
+    from reddiff.samplers import smc
+
+    s = sampler_class("mcgdiff")(particles=16)
+    monkeypatch.setattr(smc, "available_bytes", lambda device: 10 ** 6)
+    s.check_memory(1, 100, "cpu")                                # 6 * 16 * 100 * 4 bytes fit
+    with pytest.raises(UserError, match=r"16 particles x 100 system\(s\) x 100 values"):
+        s.check_memory(100, 100, "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ row 4
+def test_row04_zero_trials_is_one_line(tmp_path):
+    p = cli("-m", "+tune=reddiff", "hydra.sweeper.n_trials=0", f"hydra.sweep.dir={tmp_path / 'S'}", timeout=120)
+    assert p.returncode == 2
+    assert error_lines(p.stderr) == ["error: hydra.sweeper.n_trials must be an integer >= 1 (a study needs a trial "
+                                     "to report a best setting), got 0"]
+
+
+# ------------------------------------------------------------------------------------------------ rows 5, 6
+@pytest.mark.parametrize("seed", ["1e20", "-1", "4611686018427387905", "2.5"])
+def test_row05_seed_range(tmp_path, seed):
+    with pytest.raises(UserError, match=r"^seed must be an integer in \[0, 2\*\*62\], got "):
+        job(tmp_path / "D", f"seed={seed}")
+    assert not (tmp_path / "D" / "metrics.csv").exists()
+
+
+def test_row05_cli_one_line(tmp_path):
+    p = cli("seed=1e20", "logger=none", f"hydra.run.dir={tmp_path / 'D'}", timeout=120)
+    assert p.returncode == 2 and error_lines(p.stderr) == ["error: seed must be an integer in [0, 2**62], got 1e+20"]
+
+
+@pytest.mark.parametrize("sigma", ["inf", "nan", "2", "-0.1"])
+def test_row06_sigma_y_outside_0_1_is_refused(tmp_path, sigma):
+    with pytest.raises(UserError, match=r"^task\.sigma_y must be a finite number in \[0, 1\]"):
+        job(tmp_path / "D", f"task.sigma_y={sigma}")
+
+
+def test_row06_sigma_y_bounds_are_accepted():
+    from reddiff.run.experiment import check_scalars
+
+    for sigma in ("0", "1", "0.05"):
+        check_scalars(compose_cfg(f"task.sigma_y={sigma}"))
+
+
+# ------------------------------------------------------------------------------------------------ row 7
+def test_row07_file_name_with_a_line_break(tmp_path):
+    data, d = tmp_path / "imgs", tmp_path / "D"
+    write_png(data / "a\nb.png", 1)
+    write_png(data / "c.png", 2)
+    args = ["data=folder", f"data.root={data}", "batch_size=2"]
+    s = job(d, *args)
+    assert s["n_images"] == 2
+    ids = [r["image_id"] for r in read_rows(d / "metrics.csv")]
+    assert ids == ["a%0Ab", "c"]
+    before = (d / "metrics.csv").read_text()
+    s = job(d, *args)                                            # a rerun: nothing dropped, nothing added
+    assert s["n_images"] == 2 and (d / "metrics.csv").read_text() == before
+
+
+def test_row07_store_refuses_a_line_break_in_an_id(tmp_path):
+    from reddiff.store.results import ResultStore
+
+    st = ResultStore(tmp_path, ["psnr"])
+    with pytest.raises(ValueError, match="line break"):
+        st.append({"image_id": "a\nb", "psnr": 1.0})
+
+
+# ------------------------------------------------------------------------------------------------ rows 8, 9
+def test_row08_read_only_sweep_folder_prints_the_table(tmp_path, monkeypatch, capsys):
+    import reddiff.report.tables as T
+    from reddiff.tables import main
+
+    d = tmp_path / "sweep"
+    shutil.copytree(ROOT / "results" / "demo_sr4", d)
+    before = (d / "table.md").read_text()
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(T, "atomic_write_text", read_only)
+    main([str(d)])
+    out, err = capsys.readouterr()
+    assert err.strip() == f"note: {d} is not writable (Read-only file system); the table is printed, not written"
+    assert "| job | task | sampler |" in out and "Δpsnr vs reddiff [95%]" in out
+    assert (d / "table.md").read_text() == before
+
+
+def test_row09_rebuild_reproduces_a_committed_table_with_its_delta_column(tmp_path, capsys):
+    from reddiff.tables import main
+
+    d = tmp_path / "sweep"
+    shutil.copytree(ROOT / "results" / "demo_sr4", d)
+    main([str(d)])
+    capsys.readouterr()
+    for name in ("table.md", "table.csv"):
+        assert (d / name).read_text() == (ROOT / "results" / "demo_sr4" / name).read_text()
+
+
+def test_row09_new_reference_is_recorded_and_kept(tmp_path, capsys):
+    from reddiff.report.tables import recorded_ref
+    from reddiff.tables import main
+
+    d = tmp_path / "sweep"
+    shutil.copytree(ROOT / "results" / "demo_sr4", d)
+    main([str(d), "--ref", "dps"])
+    first = (d / "table.md").read_text().split("\n", 1)[0]
+    assert first.endswith("; table: `python -m reddiff.tables sweep --ref dps`") and recorded_ref(d) == "dps"
+    main([str(d)])                                               # no --ref: the recorded one is kept
+    md = (d / "table.md").read_text()
+    assert md.split("\n", 1)[0] == first and "Δpsnr vs dps [95%]" in md
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------------------------ row 10
+def test_row10_every_image_skipped_is_an_error(tmp_path):
+    data, d = tmp_path / "imgs", tmp_path / "D"
+    data.mkdir()
+    (data / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # not decodable
+    with pytest.raises(UserError, match=r"every image of the selection was skipped \(1 unreadable; first: bomb"):
+        job(d, "data=folder", f"data.root={data}")
+    assert not (d / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ row 11
+def test_row11_unquoted_non_ascii_path_refused_before_anything_is_created(tmp_path):
+    target = tmp_path / "é" / "D"
+    p = cli("logger=none", f"hydra.run.dir={target}", timeout=120)
+    assert p.returncode == 2 and len(error_lines(p.stderr)) == 1
+    assert error_lines(p.stderr)[0].startswith(f"error: cannot parse the override 'hydra.run.dir={target}'")
+    assert not (tmp_path / "é").exists()
+
+
+def test_row11_quoted_path_is_created_unquoted(tmp_path, monkeypatch):
+    from reddiff.run.entry import preflight
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "é x" / "D"
+    preflight([f"hydra.run.dir='{target}'"])
+    assert target.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["é x"]  # no stray "'" tree
+
+
+# ------------------------------------------------------------------------------------------------ row 12
+def test_row12_tune_children_die_with_a_killed_driver(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    driver = subprocess.Popen([sys.executable, "-c", "import sys; from reddiff.tune.make import run_child; "
+                               f"run_child([sys.executable, '-c', {child!r}])"], cwd=ROOT, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+    finally:
+        driver.kill()                                            # kill -9 of the driver
+        driver.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child outlived its killed driver")
+
+
+# ------------------------------------------------------------------------------------------------ row 13
+def test_row13_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
+    d = tmp_path / "D"
+    fast = [a for a in FAST if not a.startswith("sampler.steps=")]
+    args = [*fast, "sampler.steps=20", "batch_size=1", "data.count=6", f"hydra.run.dir={d}"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and p.poll() is None:
+        if (d / "metrics.csv").exists() and len(read_rows(d / "metrics.csv")) >= 1:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the job ended before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err
+    (line,) = error_lines(err)
+    kept = len(read_rows(d / "metrics.csv"))
+    assert line.startswith(f"interrupted: {kept} row(s) kept in {d / 'metrics.csv'}; resume with: python run.py ")
+    resume = line.split("resume with: ", 1)[1]
+    assert resume.endswith(f"hydra.run.dir={d}") and all(a in resume.split() for a in args[:-1])
+    r = subprocess.run(resume.replace("python run.py", f"{sys.executable} {ROOT / 'run.py'}", 1), shell=True,
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ids = [row["image_id"] for row in read_rows(d / "metrics.csv")]
+    assert len(ids) == 6 == len(set(ids))
