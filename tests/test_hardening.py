@@ -179,22 +179,23 @@ def test_row07_store_refuses_a_line_break_in_an_id(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ rows 8, 9
 def test_row08_read_only_sweep_folder_prints_the_table(tmp_path, monkeypatch, capsys):
-    import reddiff.report.tables as T
+    import reddiff.store.results as R
     from reddiff.tables import main
 
     d = tmp_path / "sweep"
     shutil.copytree(ROOT / "results" / "demo_sr4", d)
-    before = (d / "table.md").read_text()
+    stale = (d / "table.md").read_text().replace("| reddiff |", "| stale |")
+    (d / "table.md").write_text(stale)                           # so that a rebuild has something to write
 
-    def read_only(path, text):
+    def read_only(path, data):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(T, "atomic_write_text", read_only)
+    monkeypatch.setattr(R, "atomic_write_bytes", read_only)
     main([str(d)])
     out, err = capsys.readouterr()
     assert err.strip() == f"note: {d} is not writable (Read-only file system); the table is printed, not written"
-    assert "| job | task | sampler |" in out and "Δpsnr vs reddiff [95%]" in out
-    assert (d / "table.md").read_text() == before
+    assert "| job | task | sampler |" in out and "Δpsnr vs reddiff [95%]" in out and "| stale |" not in out
+    assert (d / "table.md").read_text() == stale
 
 
 def test_row09_rebuild_reproduces_a_committed_table_with_its_delta_column(tmp_path, capsys):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from reddiff.report import stats as S
+from reddiff.store.results import write_if_changed
 
 ROOT = Path(__file__).resolve().parents[2]
 RES = ROOT / "results"
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RES / "claims.md"))
     a = ap.parse_args(argv)
     md = render(all_claims())
-    Path(a.out).write_text(md)
+    write_if_changed(Path(a.out), md)  # only the date changed: the committed file stays as it is
     print(md)
     return 0
 

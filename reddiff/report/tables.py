@@ -16,7 +16,7 @@ from pathlib import Path
 from reddiff.report.anchors import lookup
 from reddiff.store.aggregate import compute_metrics
 from reddiff.store.formatting import fmt_metric
-from reddiff.store.results import atomic_write_text, load_features, read_rows, safe_name
+from reddiff.store.results import load_features, read_rows, safe_name, write_if_changed
 
 SHARD_RE = re.compile(r"^(\+*data\.shard|\+*data\.num_shards|hydra\..*|resume|progress|device)=")
 METRIC_ORDER = ["psnr", "ssim", "lpips", "kid", "fid", "top1", "top5"]
@@ -259,6 +259,6 @@ def write_tables(root: Path, command: str | None = None, ref: str | None = None)
         line += f"; table: `python -m reddiff.tables {root.name} --ref {ref}`"
     if line:
         md = line + "\n\n" + md
-    atomic_write_text(root / "table.md", md)
-    atomic_write_text(root / "table.csv", render(header, rows, notes, "csv"))
+    write_if_changed(root / "table.md", md)  # a rebuild that changes nothing but the date leaves the file as it is
+    write_if_changed(root / "table.csv", render(header, rows, notes, "csv"))
     return md

@@ -134,12 +134,40 @@ def _job(cfg):
         sys.exit(2)
 
 
+def sweep_safe_sampler_keys(argv: list[str]) -> list[str]:
+    """In a sweep over samplers, ``sampler.K=V`` that some swept sampler's config lacks would make Hydra abort the
+    whole sweep; it becomes ``++sampler.K=V`` (set where absent), and that sampler's job is then n/a in one line
+    (:func:`reddiff.run.experiment.foreign_keys`) while the others run."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    from reddiff.registry import _load_yaml
+
+    swept = [ov for ov in parse_overrides(argv) if ov.key_or_group == "sampler" and ov.is_sweep_override()]
+    if not swept:
+        return argv
+    names = [str(v) for ov in swept for v in ov.sweep_string_iterator()]
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if key.startswith("sampler.") and "=" in arg and not arg.startswith("-"):
+            top = key.split(".")[1]
+            try:
+                lacking = [n for n in names if top not in _load_yaml("sampler", n)]
+            except KeyError:  # an unknown sampler name: Hydra says so itself
+                lacking = []
+            if lacking:
+                arg = "++" + arg
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     import hydra
 
     from reddiff.tune.sweeper import register
 
     preflight(sys.argv[1:])
+    sys.argv[1:] = sweep_safe_sampler_keys(sys.argv[1:])
     register()  # the generated tune/<sampler> configs (+tune=NAME), from each sampler's declared space
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(_job)()
 
