@@ -308,3 +308,80 @@ def test_row13_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     assert r.returncode == 0, r.stderr
     ids = [row["image_id"] for row in read_rows(d / "metrics.csv")]
     assert len(ids) == 6 == len(set(ids))
+
+
+# ------------------------------------------------------------------------------------------ newcomer items
+def test_newcomer_one_line_summary_prints_the_tables_interval(tmp_path, capsys):
+    from reddiff.report.stats import interval, read_metric
+
+    d = tmp_path / "D"
+    s = job(d)
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("[reddiff] ") and " on " in ln and "images |" in ln]
+    iv = interval(read_metric(d, "psnr"))
+    assert iv["n_clusters"] == 3 and iv["half"] > 2 * s["metrics"]["psnr"]["ci95"]  # 3 photos: wider than naive
+    assert f"psnr {iv['mean']:.2f} ± {iv['half']:.2f}" in line
+    assert line.endswith("(±: 95% t-interval over the 3 per-photo means (12 images = 3 photos x crops, 2 df))")
+
+
+def test_newcomer_one_line_says_when_its_interval_is_naive():
+    from reddiff.store.formatting import one_line
+
+    s = {"sampler": "x", "task": "t", "n_images": 2, "metrics": {"psnr": {"mean": 20.0, "ci95": 1.0}}, "cost": {}}
+    assert one_line(s) == "x on t: 2 images | psnr 20.00 ± 1.00 (±: naive 1.96 sd/sqrt(n))"
+
+
+def test_newcomer_claims_rerun_leaves_the_file_when_only_the_date_differs(tmp_path):
+    from reddiff.report.claims import main
+
+    out = tmp_path / "claims.md"
+    main(["--out", str(out)])
+    text = out.read_text()
+    import re
+
+    dated = re.sub(r"\b\d{4}-\d{2}-\d{2}\b", "1999-01-01", text, count=1)
+    assert dated != text
+    out.write_text(dated)
+    main(["--out", str(out)])
+    assert out.read_text() == dated                              # nothing but the date would change: untouched
+    out.write_text(dated.replace("holds", "HOLDS", 1))
+    main(["--out", str(out)])
+    assert out.read_text() == text                               # a real change is written
+
+
+def test_newcomer_sweep_command_keeps_hydra_overrides(tmp_path):
+    from omegaconf import OmegaConf
+
+    from reddiff.run.sweep_callback import SweepTableCallback
+
+    d = tmp_path / "sweep"
+    shutil.copytree(ROOT / "results" / "demo_sr4", d)
+    (d / "table.md").unlink()
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(d)}, "overrides": {
+        "task": ["sampler=reddiff,dps", "data.count=2"],
+        "hydra": ["hydra.sweeper.n_trials=3", "hydra.run.dir='/a b'", "hydra.mode=MULTIRUN"]}}, "logger": {}})
+    SweepTableCallback().on_multirun_end(cfg)
+    first = (d / "table.md").read_text().split("\n", 1)[0]
+    assert first.startswith("Command: `python run.py -m sampler=reddiff,dps data.count=2 hydra.sweeper.n_trials=3 "
+                            "'hydra.run.dir='\"'\"'/a b'\"'\"''` (")
+
+
+def test_newcomer_sweep_key_a_sampler_lacks_makes_that_job_na(tmp_path):
+    d = tmp_path / "S"
+    p = cli("-m", "sampler=reddiff,pinv", "sampler.steps=2", "data.count=1", "logger=none", "metrics=fast",
+            "progress=false", f"hydra.sweep.dir={d}", timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((d / "0_sr4_reddiff" / "summary.json").read_text())["status"] == "ok"
+    na = json.loads((d / "1_sr4_pinv" / "summary.json").read_text())
+    assert na["status"] == "n/a" and na["reason"] == ("sampler pinv has no setting steps (set on the command line "
+                                                      "for the other samplers of the sweep)")
+    table = (d / "table.md").read_text()
+    assert "| sampler=pinv | sr4 | pinv | 0 | n/a |" in table
+
+
+def test_newcomer_single_run_with_a_foreign_key_is_still_an_error(tmp_path):
+    from reddiff.run.experiment import run
+
+    with pytest.raises(UserError, match="unexpected keyword argument 'steps'"):
+        run(compose_cfg("logger=none", "progress=false", "sampler=pinv", "++sampler.steps=2"), tmp_path / "D")
+    assert not (tmp_path / "D" / "summary.json").exists()
