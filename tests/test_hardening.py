@@ -385,3 +385,34 @@ def test_newcomer_single_run_with_a_foreign_key_is_still_an_error(tmp_path):
     with pytest.raises(UserError, match="unexpected keyword argument 'steps'"):
         run(compose_cfg("logger=none", "progress=false", "sampler=pinv", "++sampler.steps=2"), tmp_path / "D")
     assert not (tmp_path / "D" / "summary.json").exists()
+
+
+def test_newcomer_packaging_declares_its_data_and_leaves_no_build_folder(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "reddiff", "conf", "baselines", "benchmarks"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "whl")], cwd=src, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "would be ignored" not in p.stdout + p.stderr
+    assert not (src / "build").exists()
+    import zipfile
+
+    (whl,) = (tmp_path / "whl").glob("*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    yamls = {f"reddiff/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
+    assert yamls <= names and "reddiff/assets/demo/astronaut_full.png" in names
+
+
+def test_newcomer_installed_claims_without_results_is_one_line(tmp_path, monkeypatch, capsys):
+    import reddiff.report.claims as C
+
+    monkeypatch.setattr(C, "RES", tmp_path / "site-packages" / "results")
+    assert C.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no committed results at {tmp_path / 'site-packages' / 'results'}: ")
+    assert err.count("\n") == 1

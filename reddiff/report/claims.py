@@ -281,6 +281,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reddiff.report.claims", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(RES / "claims.md"))
     a = ap.parse_args(argv)
+    if not RES.is_dir():  # an installed package has no committed results next to it
+        print(f"error: no committed results at {RES}: the claims are read from a clone's results/ folder; run "
+              "`python -m reddiff.report.claims` (make claims) in the clone", file=sys.stderr)
+        return 2
     md = render(all_claims())
     write_if_changed(Path(a.out), md)  # only the date changed: the committed file stays as it is
     print(md)
