@@ -416,3 +416,12 @@ def test_newcomer_installed_claims_without_results_is_one_line(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith(f"error: no committed results at {tmp_path / 'site-packages' / 'results'}: ")
     assert err.count("\n") == 1
+
+
+def test_weights_matching_no_pin_are_named_in_the_one_line_summary():
+    from reddiff.store.formatting import one_line
+
+    s = {"sampler": "x", "task": "t", "n_images": 1, "metrics": {}, "cost": {},
+         "weights": {"/w/renamed.pt": {"sha256": "ab", "verified_as": None, "state": "unregistered"},
+                     "/w/adm.pt": {"sha256": "cd", "verified_as": "adm", "state": "verified"}}}
+    assert one_line(s) == "x on t: 1 images | weights matching no pinned sha256: renamed.pt"

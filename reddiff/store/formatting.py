@@ -1,6 +1,8 @@
 """Human-readable forms of a job's metrics: ``mean ± ci`` cells (tables) and the one-line job summary."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def fmt_metric(m: dict, digits: int = 3) -> str:
     if m.get("diverged"):
@@ -36,6 +38,9 @@ def one_line(summary: dict, intervals: dict | None = None) -> str:
         parts.append(f"{summary['skipped']} skipped")
     if sum((summary.get("converted") or {}).values()):
         parts.append("converted inputs: " + ", ".join(f"{n} {k}" for k, n in summary["converted"].items() if n))
+    odd = sorted(Path(f).name for f, w in (summary.get("weights") or {}).items() if w.get("state") == "unregistered")
+    if odd:  # a file whose content matches no pinned sha256 (reddiff.core.weights.identify)
+        parts.append("weights matching no pinned sha256: " + ", ".join(odd))
     methods = sorted({iv["method"] for iv in intervals.values()})
     notes = [f"±: {m}" for m in methods] + (["other ±: naive 1.96 sd/sqrt(n)"] if naive and methods else
                                              ["±: naive 1.96 sd/sqrt(n)"] if naive else [])
