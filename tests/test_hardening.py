@@ -425,3 +425,33 @@ def test_weights_matching_no_pin_are_named_in_the_one_line_summary():
          "weights": {"/w/renamed.pt": {"sha256": "ab", "verified_as": None, "state": "unregistered"},
                      "/w/adm.pt": {"sha256": "cd", "verified_as": "adm", "state": "verified"}}}
     assert one_line(s) == "x on t: 1 images | weights matching no pinned sha256: renamed.pt"
+
+
+def test_row01_lock_falls_back_to_the_lock_file_where_folders_cannot_be_locked(tmp_path, monkeypatch):
+    """NFS emulates flock with byte-range locks, which a folder's read-only descriptor cannot take: the lock then
+    falls back to the .lock file, and a second writer is still refused."""
+    import fcntl
+    import stat
+
+    import reddiff.store.jobdir as J
+
+    real = fcntl.flock
+
+    def nfs_like(fd, op):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, op)
+
+    monkeypatch.setattr(J.fcntl, "flock", nfs_like)
+    d = tmp_path / "D"
+    lock = J.JobLock(d).acquire()
+    try:
+        assert (d / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(UserError, match=f"in use by another run \\(PID {os.getpid()}\\)"):
+            J.JobLock(d).acquire()
+        with pytest.raises(UserError, match="in use by another run"):
+            J.probe_lock(d)
+    finally:
+        lock.release()
+    J.probe_lock(d)
+    J.JobLock(d).acquire().release()

@@ -131,6 +131,46 @@ def _busy(job_dir: Path) -> UserError:
                      "to finish or use another folder")
 
 
+def _locks_folder(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def _try_flock(fd: int) -> Optional[bool]:
+    """Non-blocking exclusive ``flock``: True when taken, False when another process holds it, None when the file
+    system cannot lock this descriptor."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _lock_fd(job_dir: Path, create: bool) -> Optional[int]:
+    """A descriptor holding ``flock`` on ``job_dir``; None when another process holds it.  A file system that
+    cannot lock a folder (NFS emulates flock with byte-range locks, which a read-only descriptor cannot take)
+    falls back to locking the ``.lock`` file; -1 when that file does not exist and ``create`` is false."""
+    fd = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY)
+    got = _try_flock(fd)
+    if got is None:
+        os.close(fd)
+        lock = Path(job_dir) / ".lock"
+        if not create and not lock.exists():
+            return -1
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        got = _try_flock(fd)
+        if got is None:
+            os.close(fd)
+            raise OSError(f"cannot lock {job_dir} or {lock} (flock not supported)")
+    if not got:
+        os.close(fd)
+        return None
+    return fd
+
+
 class JobLock:
     """``fcntl.flock`` on the job folder itself (non-blocking), so deleting ``.lock`` under a running holder
     cannot let a second writer in; ``.lock`` only holds the holder's PID for the refusal message."""
@@ -141,13 +181,14 @@ class JobLock:
 
     def acquire(self) -> "JobLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _busy(self.path.parent) from None
-        atomic_write_text(self.path, f"{os.getpid()}\n")
+        fd = _lock_fd(self.path.parent, create=True)
+        if fd is None:
+            raise _busy(self.path.parent)
+        if _locks_folder(fd):
+            atomic_write_text(self.path, f"{os.getpid()}\n")
+        else:  # the fallback locks .lock itself: write in place, never replace the locked file
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
 
@@ -169,12 +210,10 @@ def probe_lock(job_dir: Path) -> None:
     (a probe must not look like a holder), and holds the lock only for the instant of the test."""
     if not Path(job_dir).is_dir():
         return
-    fd = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _busy(Path(job_dir)) from None
-    finally:
+    fd = _lock_fd(Path(job_dir), create=False)
+    if fd is None:
+        raise _busy(Path(job_dir))
+    if fd >= 0:
         os.close(fd)  # closing the descriptor releases a lock taken here
 
 
