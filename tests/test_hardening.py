@@ -455,3 +455,12 @@ def test_row01_lock_falls_back_to_the_lock_file_where_folders_cannot_be_locked(t
         lock.release()
     J.probe_lock(d)
     J.JobLock(d).acquire().release()
+
+
+def test_newcomer_sampler_keys_are_forced_only_where_a_swept_sampler_lacks_them():
+    from reddiff.run.entry import sweep_safe_sampler_keys as f
+
+    assert f(["sampler.steps=2"]) == ["sampler.steps=2"]                                  # a single run: Hydra's error
+    assert f(["-m", "sampler=reddiff,dps", "sampler.steps=2"]) == ["-m", "sampler=reddiff,dps", "sampler.steps=2"]
+    assert f(["-m", "sampler=reddiff,pinv", "sampler.steps=2"])[-1] == "++sampler.steps=2"
+    assert f(["-m", "+experiment=demo_sr4", "sampler.steps=2"])[-1] == "++sampler.steps=2"  # the preset's sweep

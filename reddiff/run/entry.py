@@ -135,17 +135,17 @@ def _job(cfg):
 
 
 def sweep_safe_sampler_keys(argv: list[str]) -> list[str]:
-    """In a sweep over samplers, ``sampler.K=V`` that some swept sampler's config lacks would make Hydra abort the
-    whole sweep; it becomes ``++sampler.K=V`` (set where absent), and that sampler's job is then n/a in one line
-    (:func:`reddiff.run.experiment.foreign_keys`) while the others run."""
+    """In a multirun, ``sampler.K=V`` that one of the swept samplers' configs lacks (any registry sampler when the
+    sweep is an experiment preset's) would make Hydra abort the whole sweep; it becomes ``++sampler.K=V`` (set
+    where absent), and that sampler's job is then n/a in one line (:func:`reddiff.run.experiment.foreign_keys`)
+    while the others run."""
     if not {"-m", "--multirun"} & set(argv):
         return argv
-    from reddiff.registry import _load_yaml
+    from reddiff.registry import _load_yaml, sampler_names
 
     swept = [ov for ov in parse_overrides(argv) if ov.key_or_group == "sampler" and ov.is_sweep_override()]
-    if not swept:
-        return argv
-    names = [str(v) for ov in swept for v in ov.sweep_string_iterator()]
+    # the samplers of a command-line sweep, else any (an experiment preset sweeps its own list)
+    names = [str(v) for ov in swept for v in ov.sweep_string_iterator()] if swept else sampler_names()
     out = []
     for arg in argv:
         key = arg.split("=", 1)[0]
