@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reddiff.report.tables import build_rows, collect, render, write_tables
+from reddiff.report.tables import build_rows, collect, recorded_ref, render, write_tables
 
 
 def main(argv=None) -> None:
@@ -28,9 +28,14 @@ def main(argv=None) -> None:
     if not summaries:
         print(f"error: no job dirs (summary.json / metrics.csv) under {root}; nothing written", file=sys.stderr)
         raise SystemExit(2)
+    ref = a.ref or recorded_ref(root)  # a rebuild keeps the table's recorded reference (its Δ column)
     if not a.no_write:
-        write_tables(root, ref=a.ref)
-    header, rows, notes = build_rows(summaries, ref=a.ref)
+        try:
+            write_tables(root, ref=ref)
+        except OSError as e:  # a read-only sweep folder: the table is still printed
+            print(f"note: {root} is not writable ({e.strerror or e}); the table is printed, not written",
+                  file=sys.stderr)
+    header, rows, notes = build_rows(summaries, ref=ref)
     print(render(header, rows, notes, a.format), end="")
 
 

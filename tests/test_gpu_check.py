@@ -127,11 +127,13 @@ def test_dry_run_produces_every_measurement(root, tmp_path):
     registry at batch 1 and 8 in fp32 and bf16, finds the simulated max batch exactly, and writes both files."""
     from reddiff.registry import sampler_info, sampler_names
 
-    res, md, _ = _dry(root, tmp_path, timeout=900)
+    # the global deadline and the max-batch time box are set out of reach, so what is measured does not depend on
+    # the machine's speed or load (about 60 s on a quiet 2-core machine); what the deadline and the box do is
+    # tested with a deadline that is always hit (test_deadline_stops_everything_and_still_writes) and an injected
+    # clock (test_search_stops_at_the_deadline_with_a_lower_bound)
+    res, md, _ = _dry(root, tmp_path, "--budget-s", "1e9", "--box-s", "1e9", timeout=1800)  # a hang guard only
     m = res["meta"]
-    # about 60 s on a quiet 2-core machine; wall time grows with background load, process CPU time does not
-    # 46-52 CPU-seconds on a quiet machine; 272 were measured beside a 2-worker benchmark (shared cores)
-    assert m["dry_run"] and not m["deadline_hit"] and m["cpu_s"] < 400, (m["elapsed_s"], m["cpu_s"])
+    assert m["dry_run"] and not m["deadline_hit"], (m["elapsed_s"], m["cpu_s"])
     assert m["samplers"] == sampler_names() and m["sampler_source"] == "reddiff.registry"
     assert m["unet_config"]["learn_sigma"] and m["unet_config"]["out_channels"] == 6
     assert res["not_measured"] == [f"memory {dt}: no CUDA memory statistics on the CPU" for dt in ("fp32", "bf16")]

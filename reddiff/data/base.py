@@ -96,7 +96,9 @@ def load_image(path: Path, resolution: int, notes: Optional[list] = None) -> tor
 
 
 def safe_id(rel: str) -> str:
-    """A file-name-safe image id from a relative path (the runner writes ``images/<id>.png``)."""
+    """A file-name-safe image id from a relative path (the runner writes ``images/<id>.png``).  Control
+    characters (a line break in a file name) are written ``%XX``, so an id is always one line of metrics.csv."""
+    rel = "".join(f"%{ord(c):02X}" if ord(c) < 32 or ord(c) == 127 else c for c in rel)
     return rel.replace("\\", "/").replace("/", "__")
 
 

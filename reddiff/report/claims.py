@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from reddiff.report import stats as S
+from reddiff.store.results import write_if_changed
 
 ROOT = Path(__file__).resolve().parents[2]
 RES = ROOT / "results"
@@ -280,8 +281,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reddiff.report.claims", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(RES / "claims.md"))
     a = ap.parse_args(argv)
+    if not RES.is_dir():  # an installed package has no committed results next to it
+        print(f"error: no committed results at {RES}: the claims are read from a clone's results/ folder; run "
+              "`python -m reddiff.report.claims` (make claims) in the clone", file=sys.stderr)
+        return 2
     md = render(all_claims())
-    Path(a.out).write_text(md)
+    write_if_changed(Path(a.out), md)  # only the date changed: the committed file stays as it is
     print(md)
     return 0
 

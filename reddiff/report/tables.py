@@ -16,7 +16,7 @@ from pathlib import Path
 from reddiff.report.anchors import lookup
 from reddiff.store.aggregate import compute_metrics
 from reddiff.store.formatting import fmt_metric
-from reddiff.store.results import atomic_write_text, load_features, read_rows, safe_name
+from reddiff.store.results import load_features, read_rows, safe_name, write_if_changed
 
 SHARD_RE = re.compile(r"^(\+*data\.shard|\+*data\.num_shards|hydra\..*|resume|progress|device)=")
 METRIC_ORDER = ["psnr", "ssim", "lpips", "kid", "fid", "top1", "top5"]
@@ -215,23 +215,50 @@ def provenance_line(root: Path) -> str | None:
     return first if first.startswith("Command:") else None
 
 
+#: how a table records its paired-difference reference: ``--ref NAME`` on the provenance line, or (tables written
+#: before that) the ``Δ<metric> vs NAME`` header cell
+REF_ON_LINE = re.compile(r"--ref (\S+?)`?(?:\)|\s|$)")
+REF_IN_HEADER = re.compile(r"\| Δ\S* vs (\S+)(?: \[95%\])? \|")
+
+
+def recorded_ref(root: Path) -> str | None:
+    """The reference sampler of an existing table.md (its provenance), so a rebuild keeps the ``Δ vs`` column."""
+    line = provenance_line(root)
+    m = REF_ON_LINE.search(line or "")
+    if m:
+        return m.group(1)
+    p = Path(root) / "table.md"
+    if not p.is_file():
+        return None
+    head = next((ln for ln in p.read_text().splitlines() if ln.startswith("| job |")), "")
+    m = REF_IN_HEADER.search(head)
+    return m.group(1) if m else None
+
+
 def write_tables(root: Path, command: str | None = None, ref: str | None = None) -> str:
     """Write table.md/table.csv of ``root``; ``command`` starts a new provenance line, else the old one is kept.
-    Raises :class:`~reddiff.core.errors.UserError` (and writes nothing) when ``root`` holds no job."""
+    ``ref`` None keeps the reference the table already records (:func:`recorded_ref`); a new one is added to the
+    provenance line.  Raises :class:`~reddiff.core.errors.UserError` (and writes nothing) when ``root`` holds
+    no job."""
     from reddiff.core.errors import UserError
 
     root = Path(root)
     summaries = collect(root)
     if not summaries:
         raise UserError(f"no job dirs (summary.json / metrics.csv) under {root}; nothing written")
+    old_ref = None if command else recorded_ref(root)
+    ref = ref or old_ref
     header, rows, notes = build_rows(summaries, ref=ref)
     md = render(header, rows, notes, "md")
+    line = provenance_line(root) if not command else None
     if command:
         import datetime
 
-        md = f"Command: `{command}` ({datetime.date.today().isoformat()})\n\n" + md
-    elif provenance_line(root):
-        md = provenance_line(root) + "\n\n" + md
-    atomic_write_text(root / "table.md", md)
-    atomic_write_text(root / "table.csv", render(header, rows, notes, "csv"))
+        line = f"Command: `{command}` ({datetime.date.today().isoformat()})"
+    if line and ref and ref != old_ref:
+        line += f"; table: `python -m reddiff.tables {root.name} --ref {ref}`"
+    if line:
+        md = line + "\n\n" + md
+    write_if_changed(root / "table.md", md)  # a rebuild that changes nothing but the date leaves the file as it is
+    write_if_changed(root / "table.csv", render(header, rows, notes, "csv"))
     return md

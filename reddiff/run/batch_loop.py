@@ -23,7 +23,7 @@ import torch
 
 from reddiff.data import CorruptImageError
 from reddiff.store.images import save_png
-from reddiff.store.jobdir import InputsLog
+from reddiff.store.jobdir import InputsLog, file_sha256
 from reddiff.store.results import ResultStore, safe_name
 from reddiff.core.rng import BatchRNG
 
@@ -101,6 +101,8 @@ def run_batches(*, dataset, operator, prior, suite, sinks: list[Sink], restore: 
 
     K = len(sinks)
     names = list(suite.names)
+    for s in sinks:  # a resume over changed input files is refused before any work (store.jobdir)
+        s.inputs.check_sources(dataset, s.store.done_ids())
     skipped = set().union(*(s.inputs.skipped for s in sinks))
     batches = fixed_batches(dataset.entries(), int(batch_size))
 
@@ -130,8 +132,13 @@ def run_batches(*, dataset, operator, prior, suite, sinks: list[Sink], restore: 
             first = next(i for i, v in conv.items() if kind in v)
             log.warning("input %s: %s to %dx%d px (counted in summary.json 'converted'; not warned again)",
                         first, kind.replace("_", " "), dataset.resolution, dataset.resolution)
+        hashes = {}
+        for e in ok:
+            src = dataset.source(e)
+            if isinstance(src, (str, Path)) and Path(src).is_file():
+                hashes[e.image_id] = file_sha256(src)
         for s in sinks:
-            s.inputs.update(skipped_now, conv)
+            s.inputs.update(skipped_now, conv, hashes)
         if not ok:
             bar.update(len(batch))
             continue

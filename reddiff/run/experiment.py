@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,25 @@ def build(node, what: str, **kwargs):
         raise
 
 
+#: the largest ``seed``: per-image streams use ``seed + index (+ MEASUREMENT_SEED_OFFSET)``, which must stay
+#: inside the 64-bit range torch's generators take
+SEED_MAX = 2 ** 62
+
+
 def check_scalars(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, scalars the run cannot use: batch size, seed range, noise level."""
     bs = cfg.get("batch_size")
     if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
         raise UserError(f"batch_size must be a positive integer, got {bs!r}")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"seed must be an integer in [0, 2**62], got {seed!r}")
+    task = cfg.get("task")
+    sig = task.get("sigma_y") if isinstance(task, DictConfig) else None
+    if sig is not None:
+        ok = isinstance(sig, (int, float)) and not isinstance(sig, bool) and math.isfinite(sig) and 0 <= sig <= 1
+        if not ok:
+            raise UserError(f"task.sigma_y must be a finite number in [0, 1] (pixel units, README), got {sig!r}")
 
 
 def wandb_group(cfg: DictConfig) -> str | None:
@@ -120,6 +136,32 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
                         "already in metrics.csv are kept: fix it and rerun the same command to resume") from e
 
 
+def foreign_keys(cfg: DictConfig) -> list[str]:
+    """Keys of ``cfg.sampler`` its class does not take (``++sampler.K`` forced onto a sampler without K)."""
+    import inspect
+
+    from reddiff.registry import import_target
+
+    target = cfg.sampler.get("_target_")
+    try:
+        params = inspect.signature(import_target(str(target)).__init__).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(str(k) for k in cfg.sampler if not str(k).startswith("_") and k not in params)
+
+
+def not_applicable(job_dir: Path, base: dict, resolved: dict, cfg: DictConfig, reason: str) -> dict:
+    """The job's ``summary.json`` with status n/a and one line saying why (a sweep goes on)."""
+    bind(job_dir, fingerprint(resolved), cfg.get("resume", True), cfg.get("archive", False))
+    summary = {**base, "status": "n/a", "reason": reason, "n_images": 0, "metrics": {}, "cost": {}}
+    atomic_write_text(job_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    log.warning("n/a: %s", reason)
+    print(f"[reddiff] n/a: {reason}\n[reddiff] results: {job_dir}")
+    return summary
+
+
 def _run(cfg: DictConfig, job_dir: Path) -> dict:
     check_scalars(cfg)
     ident = job_identity(cfg)
@@ -133,16 +175,15 @@ def _run(cfg: DictConfig, job_dir: Path) -> dict:
     device = resolve_device(cfg.device)
 
     operator = build(cfg.task.operator, f"task={ident['task']}")
+    extra = foreign_keys(cfg)
+    if extra and hydra_info().get("multirun"):  # a key set for the other samplers of the sweep
+        return not_applicable(job_dir, base, resolved, cfg, f"sampler {ident['sampler']} has no setting "
+                              + ", ".join(extra) + " (set on the command line for the other samplers of the sweep)")
     sampler = build(cfg.sampler, f"sampler={ident['sampler']}")
     try:
         sampler.check(operator)
     except OperatorCapabilityError as e:
-        bind(job_dir, fingerprint(resolved), cfg.get("resume", True), cfg.get("archive", False))
-        summary = {**base, "status": "n/a", "reason": str(e), "n_images": 0, "metrics": {}, "cost": {}}
-        atomic_write_text(job_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        log.warning("n/a: %s", e)
-        print(f"[reddiff] n/a: {e}\n[reddiff] results: {job_dir}")
-        return summary
+        return not_applicable(job_dir, base, resolved, cfg, str(e))
     prior = build(cfg.prior, f"prior={ident['prior']}").to(device).eval()
     try:
         sampler.check_prior(prior)
@@ -175,11 +216,18 @@ def _run(cfg: DictConfig, job_dir: Path) -> dict:
                 seed=int(cfg.seed), batch_size=int(cfg.batch_size), device=device, logger=logger,
                 save_images=bool(cfg.save_images), progress=bool(cfg.progress),
                 desc=f"{ident['sampler']} on {ident['task']}")
+    if not store.rows and sink.inputs.skipped:  # like an empty selection: no image could be scored
+        first_id, why = next(iter(sink.inputs.skipped.items()))
+        raise UserError(f"data={ident['data']}: every image of the selection was skipped "
+                        f"({len(sink.inputs.skipped)} unreadable; first: {first_id}: {why!s:.300})".replace("\n", "\\n")
+                        + "; nothing to score")
     summary = summarize(store, suite, base, sink.inputs.as_dict(), time.time() - t_job)
     write_job_grid(job_dir, store.rows, dataset, summary, int(cfg.grid_images))
     atomic_write_text(job_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     logger.finish(summary, job_dir)
     (job_dir / "error.txt").unlink(missing_ok=True)  # a refusal of an earlier attempt no longer applies
-    print("[reddiff] " + one_line(summary))
+    from reddiff.report.stats import table_intervals  # the tables' photo-clustered intervals, not the naive ci95
+
+    print("[reddiff] " + one_line(summary, table_intervals(str(job_dir), list(summary["metrics"]))))
     print(f"[reddiff] results: {job_dir}")
     return summary

@@ -224,6 +224,8 @@ def run_batched(cfg, root) -> list[dict]:
                     save_images=bool(cfg.get("save_images", True)), progress=bool(cfg.get("progress", False)),
                     desc=f"{K} RED-diff configurations on {ident['task']}", prefix="[reddiff.run.sweep]")
         wall = time.time() - t_job
+        from reddiff.report.stats import table_intervals  # the tables' photo-clustered intervals
+
         summaries = []
         for c, sink, base in zip(configs, sinks, bases):
             s = summarize(sink.store, suite, base, sink.inputs.as_dict(), wall)
@@ -231,7 +233,7 @@ def run_batched(cfg, root) -> list[dict]:
                                   "note": "peak_rss_mb and wall_seconds_this_run are those of the whole batched sweep"}
             write_job_grid(sink.dir, sink.store.rows, dataset, s, int(cfg.get("grid_images", 6)))
             atomic_write_text(sink.dir / "summary.json", json.dumps(s, indent=2, default=str))
-            print("[reddiff.run.sweep] " + _job_name(0, c)[2:] + ": " + one_line(s))
+            print("[reddiff.run.sweep] " + _job_name(0, c)[2:] + ": " + one_line(s, table_intervals(str(sink.dir), list(s["metrics"]))))
             summaries.append(s)
     logger.finish(summaries[0] if K == 1 else {}, root)
     from reddiff.report.tables import write_tables

@@ -21,7 +21,7 @@ class SweepTableCallback(Callback):
         if not collect(root):
             print(f"[reddiff] no finished job under {root}: no table written", file=sys.stderr)
             return
-        cmd = "python run.py -m " + " ".join(config.hydra.overrides.task)
+        cmd = sweep_command(config)
         md = write_tables(root, cmd)
         print(f"\n[reddiff] sweep table ({root}/table.md):\n{md}")
         if config.get("experiment_name"):  # experiment presets: plots next to the tables (reddiff.report.plots)
@@ -36,6 +36,17 @@ class SweepTableCallback(Callback):
             _log_wandb_table(root, config)
         except Exception as e:  # noqa: BLE001 - logging never fails the sweep
             print(f"[reddiff] W&B table not logged: {e}", file=sys.stderr)
+
+
+def sweep_command(config) -> str:
+    """The sweep's full command line: its overrides and its ``hydra.*`` ones (``hydra.sweeper.n_trials=3``), less
+    the ``hydra.mode`` Hydra adds itself; values with spaces or quotes are shell-quoted."""
+    import shlex
+
+    ovs = list(config.hydra.overrides.task) + [o for o in config.hydra.overrides.hydra
+                                               if not o.startswith("hydra.mode=")]
+    return "python run.py -m " + " ".join(o if shlex.quote(o) == o or "," in o and " " not in o and "'" not in o
+                                          else shlex.quote(o) for o in ovs)
 
 
 def _log_wandb_table(root: Path, config) -> None:

@@ -46,6 +46,27 @@ from reddiff.samplers.base import Sampler, validate_spacing, validate_steps
 RESAMPLING = ("multinomial", "systematic")
 
 
+#: particle-state tensors of shape ``(N, B, n)`` alive at once in :meth:`SpectralSMC.run` (z, eps, x0, the kernel
+#: mean, its resampled copy, the noise)
+STATE_COPIES = 6
+
+
+def available_bytes(device) -> Optional[int]:
+    """Free memory for tensors on ``device``: the GPU's free memory, or the host's ``MemAvailable``; None when
+    unknown (then nothing is refused)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class SpectralSMC(Sampler):
     """Base of the particle samplers (not registered itself). Subclasses implement :meth:`setup_potentials`,
     :meth:`potential` and :meth:`kernel_std`."""
@@ -111,6 +132,24 @@ class SpectralSMC(Sampler):
         Kp = 1.0 / (1.0 + v)
         z[:, :, :k] = torch.where(act, Kp * c + (Kp * v).sqrt() * z0, z0).to(z.dtype)
         return z
+
+    def state_bytes(self, systems: int, n: int, dtype=torch.float32) -> int:
+        """Bytes of the particle state of ``systems`` particle systems on ``n`` values each (see STATE_COPIES)."""
+        return STATE_COPIES * int(systems) * self.particles * int(n) * torch.empty((), dtype=dtype).element_size()
+
+    def check_memory(self, systems: int, n: int, device, dtype=torch.float32) -> None:
+        """Refuse, before any network evaluation, a particle state that does not fit in the free memory."""
+        need, free = self.state_bytes(systems, n, dtype), available_bytes(device)
+        if free is not None and need > free:
+            raise SamplerInputError(
+                f"{self.name}: {self.particles} particles x {systems} system(s) x {n} values need about "
+                f"{need / 2 ** 30:.1f} GiB of {torch.device(device).type} memory, {free / 2 ** 30:.1f} GiB free; lower "
+                f"sampler.particles (or batch_size)")
+
+    def check_prior(self, prior) -> None:
+        """The base checks, then the memory of one particle system on the prior's sample shape."""
+        super().check_prior(prior)
+        self.check_memory(1, math.prod(prior.shape), getattr(prior, "device", None) or "cpu")
 
     def expected_nfe(self, prior) -> int:
         return (len(self.timesteps(prior)) - (self.end == "t0")) * self.particles
@@ -214,6 +253,7 @@ class SpectralSMC(Sampler):
         ts = self.timesteps(prior)
         sch = prior.schedule
         lv = [float(sch.alpha_bar_at(t)) for t in ts] + ([1.0] if self.end == "clean" else [])
+        self.check_memory(y.shape[0], math.prod(prior.shape), y.device, y.dtype)
         ctx = self._spectral(y, operator, prior)
         ctx["levels"] = torch.tensor(lv, dtype=torch.float64)
         self.setup_potentials(ctx, rng)

@@ -7,11 +7,13 @@
   ``archive=true``, which moves the old results into ``archived/<time>/``).  Keys in :data:`EXCLUDE` only change
   how a job runs or is logged, not its rows.  ``merge_key`` leaves out the sharding keys, the one difference
   allowed between shards that ``python -m reddiff.tables`` merges.
-* **Lock.**  :class:`JobLock` holds ``fcntl.flock`` on ``.lock`` for the job's lifetime; a second process is
-  refused at once (non-blocking) with the holder's PID.  The kernel drops the lock when its holder dies, so a
+* **Lock.**  :class:`JobLock` holds ``fcntl.flock`` on the job folder itself for the job's lifetime (``.lock``
+  only names the holder's PID, so deleting it lets no one in); a second process is refused at once
+  (non-blocking) with the holder's PID.  The kernel drops the lock when its holder dies, so a
   lock left by ``kill -9`` never blocks a rerun.
 * **Inputs log.**  ``inputs.json`` keeps the skipped (corrupt) images and the converted ones (alpha dropped,
-  up/down-scaled) across resumed runs, so ``summary.json`` counts them all and a resume does not redo them.
+  up/down-scaled) across resumed runs, so ``summary.json`` counts them all and a resume does not redo them,
+  and the sha256 of every input file a row was computed from: a resume over changed files is refused.
 """
 from __future__ import annotations
 
@@ -120,8 +122,61 @@ def archive_results(job_dir: Path) -> Path:
     return dest
 
 
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()[:64] or "?"
+    except OSError:
+        return "?"
+
+
+def _busy(job_dir: Path) -> UserError:
+    return UserError(f"{job_dir} is in use by another run (PID {_holder(Path(job_dir) / '.lock')}); wait for it "
+                     "to finish or use another folder")
+
+
+def _locks_folder(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def _try_flock(fd: int) -> Optional[bool]:
+    """Non-blocking exclusive ``flock``: True when taken, False when another process holds it, None when the file
+    system cannot lock this descriptor."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _lock_fd(job_dir: Path, create: bool) -> Optional[int]:
+    """A descriptor holding ``flock`` on ``job_dir``; None when another process holds it.  A file system that
+    cannot lock a folder (NFS emulates flock with byte-range locks, which a read-only descriptor cannot take)
+    falls back to locking the ``.lock`` file; -1 when that file does not exist and ``create`` is false."""
+    fd = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY)
+    got = _try_flock(fd)
+    if got is None:
+        os.close(fd)
+        lock = Path(job_dir) / ".lock"
+        if not create and not lock.exists():
+            return -1
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        got = _try_flock(fd)
+        if got is None:
+            os.close(fd)
+            raise OSError(f"cannot lock {job_dir} or {lock} (flock not supported)")
+    if not got:
+        os.close(fd)
+        return None
+    return fd
+
+
 class JobLock:
-    """``fcntl.flock`` on ``<job_dir>/.lock`` (non-blocking); the file holds the holder's PID."""
+    """``fcntl.flock`` on the job folder itself (non-blocking), so deleting ``.lock`` under a running holder
+    cannot let a second writer in; ``.lock`` only holds the holder's PID for the refusal message."""
 
     def __init__(self, job_dir: Path):
         self.path = Path(job_dir) / ".lock"
@@ -129,16 +184,14 @@ class JobLock:
 
     def acquire(self) -> "JobLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another run (PID {holder}); wait for it to finish "
-                            "or use another folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        fd = _lock_fd(self.path.parent, create=True)
+        if fd is None:
+            raise _busy(self.path.parent)
+        if _locks_folder(fd):
+            atomic_write_text(self.path, f"{os.getpid()}\n")
+        else:  # the fallback locks .lock itself: write in place, never replace the locked file
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
 
@@ -156,20 +209,23 @@ class JobLock:
 
 
 def probe_lock(job_dir: Path) -> None:
-    """Raise the :class:`JobLock` refusal if another process holds ``job_dir``'s lock; never creates or writes the
-    lock file (a probe must not look like a holder), and holds the lock only for the instant of the test."""
-    path = Path(job_dir) / ".lock"
-    if not path.exists():
+    """Raise the :class:`JobLock` refusal if another process holds ``job_dir``; never creates or writes anything
+    (a probe must not look like a holder), and holds the lock only for the instant of the test."""
+    if not Path(job_dir).is_dir():
         return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        raise UserError(f"{path.parent} is in use by another run (PID {holder}); wait for it to finish "
-                        "or use another folder") from None
-    finally:
+    fd = _lock_fd(Path(job_dir), create=False)
+    if fd is None:
+        raise _busy(Path(job_dir))
+    if fd >= 0:
         os.close(fd)  # closing the descriptor releases a lock taken here
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class InputsLog:
@@ -180,13 +236,40 @@ class InputsLog:
         d = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.skipped: dict[str, str] = {s["image_id"]: s["reason"] for s in d.get("skipped", [])}
         self.converted: dict[str, list[str]] = d.get("converted", {})
+        #: image id -> sha256 of the file its row was computed from (ids of in-memory sources have none)
+        self.sha256: dict[str, str] = d.get("sha256", {})
 
-    def update(self, skipped: dict[str, str], converted: dict[str, list[str]]) -> None:
-        if not skipped and not converted:
+    def update(self, skipped: dict[str, str], converted: dict[str, list[str]],
+               sha256: Optional[dict[str, str]] = None) -> None:
+        sha256 = {k: v for k, v in (sha256 or {}).items() if self.sha256.get(k) != v}
+        if not skipped and not converted and not sha256:
             return
         self.skipped.update(skipped)
         self.converted.update(converted)
-        atomic_write_text(self.path, json.dumps(self.as_dict(), indent=1))
+        self.sha256.update(sha256)
+        atomic_write_text(self.path, json.dumps({**self.as_dict(), "sha256": self.sha256}, indent=1))
+
+    def check_sources(self, dataset, done: set[str]) -> None:
+        """Refuse a resume whose input files changed since their rows were written (same ids, other content):
+        the folder would mix results of two data sets.  Rows written before hashes were kept are not checked."""
+        entries = dataset.entries()
+        present = {e.image_id for e in entries}
+        gone = sorted(i for i in done if i in self.sha256 and i not in present)
+        if gone:
+            raise UserError(f"input {gone[0]} is gone from the data ({len(gone)} image(s) with rows in "
+                            f"{self.path.parent} are no longer in the selection); use another folder "
+                            "(hydra.run.dir=...), or add archive=true to move the old results aside and start afresh")
+        for e in entries:
+            old = self.sha256.get(e.image_id)
+            if old is None or e.image_id not in done:
+                continue
+            src = dataset.source(e)
+            new = file_sha256(src) if isinstance(src, (str, Path)) and Path(src).is_file() else None
+            if new != old:
+                now = "is gone" if new is None else f"now has sha256 {new[:12]}..., not {old[:12]}..."
+                raise UserError(f"input {e.image_id} ({src}) {now}: the data changed since its row was written in "
+                                f"{self.path.parent}; use another folder (hydra.run.dir=...), or add archive=true to "
+                                "move the old results aside and start afresh")
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -32,6 +33,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` (atomically) unless the file already says the same apart from its dates, so a
+    rebuild that changes nothing leaves a tracked file (and ``git status``) untouched.  Returns whether it wrote."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            old = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            old = None
+        if old is not None and _DATE.sub("<date>", old) == _DATE.sub("<date>", text):
+            return False
+    atomic_write_text(path, text)
+    return True
 
 
 class ResultStore:
@@ -92,6 +111,8 @@ class ResultStore:
         """Persist one image: features first (atomic), then the CSV line (single write, fsync)."""
         if row["image_id"] in self.done_ids():
             return
+        if any(c in str(row["image_id"]) for c in "\r\n"):  # would split its row in two (data.base.safe_id)
+            raise ValueError(f"image id {row['image_id']!r} holds a line break; it cannot be one row of metrics.csv")
         if features:
             buf = io.BytesIO()
             np.savez(buf, **features)

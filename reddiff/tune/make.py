@@ -63,6 +63,31 @@ def preset_steps(preset: str, sampler: str, task: str) -> int:
     return int(hp["steps"]) if "steps" in hp else default_steps(sampler, task)
 
 
+def die_with_parent(parent: int) -> None:
+    """``preexec_fn`` of every child: the kernel sends it SIGKILL when the driver ``parent`` dies (``kill -9``
+    included), so no ``run.py`` goes on orphaned (Linux ``prctl(PR_SET_PDEATHSIG)``)."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the driver died before prctl took effect
+        os._exit(1)
+
+
+def run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a child that dies with this driver (:func:`die_with_parent`; elsewhere than Linux a
+    plain run)."""
+    import functools
+    import os
+
+    pre = functools.partial(die_with_parent, os.getpid()) if sys.platform.startswith("linux") else None
+    return subprocess.run(cmd, preexec_fn=pre, **kw)
+
+
 def tune_one(prior: str, task: str, sampler: str, steps: int, trials: int, images: int, log) -> dict:
     sweep = ROOT / "multirun" / "tune" / prior / f"{task}_s{steps}" / sampler
     shutil.rmtree(sweep, ignore_errors=True)
@@ -71,7 +96,7 @@ def tune_one(prior: str, task: str, sampler: str, steps: int, trials: int, image
            f"hydra.sweep.dir={sweep}"]
     t0 = time.time()
     log(f"[make_tune] {' '.join(cmd[1:])}")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = run_child(cmd, cwd=ROOT, capture_output=True, text=True)
     res = sweep / "optimization_results.yaml"
     if r.returncode != 0 or not res.is_file():
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
