@@ -149,7 +149,8 @@ class SpectralSMC(Sampler):
     def check_prior(self, prior) -> None:
         """The base checks, then the memory of one particle system on the prior's sample shape."""
         super().check_prior(prior)
-        self.check_memory(1, math.prod(prior.shape), getattr(prior, "device", None) or "cpu")
+        if getattr(prior, "shape", None):  # a prior without a sample shape (a bare schedule) has no state to size
+            self.check_memory(1, math.prod(prior.shape), getattr(prior, "device", None) or "cpu")
 
     def expected_nfe(self, prior) -> int:
         return (len(self.timesteps(prior)) - (self.end == "t0")) * self.particles
