@@ -156,7 +156,7 @@ def test_every_sampler_runs_in_every_dialect(name, dialect):
 
 
 def test_a_sampler_that_declares_its_dialects_refuses_the_others():
-    from baselines.ddim import DDIM
+    from reddiff.baselines.ddim import DDIM
 
     class FlowOnly(DDIM):
         name = "flow_only"

@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines.ddim import DDIM
-from baselines.ddrm import DDRM
-from baselines.dps import DPS
-from baselines.pigdm import PiGDM
-from baselines.pinv import Pinv
+from reddiff.baselines.ddim import DDIM
+from reddiff.baselines.ddrm import DDRM
+from reddiff.baselines.dps import DPS
+from reddiff.baselines.pigdm import PiGDM
+from reddiff.baselines.pinv import Pinv
 from reddiff.core.diffusion import timesteps
 from reddiff.operators.base import Operator, OperatorCapabilityError, SVDOperator
 from reddiff.operators.matrix import MatrixOperator
