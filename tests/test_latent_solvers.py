@@ -43,8 +43,6 @@ def test_runs_end_to_end_on_the_tiny_latent_model(name, task, tmp_path):
     from reddiff.priors.latent import LatentPrior
     from reddiff.run.experiment import run
 
-    if task == "hdr" and name == "latent_daps":
-        pytest.skip("one nonlinear task per solver suffices (phase_retrieval); hdr is run for resample")
     cfg = _cfg(name, task)
     s = run(cfg, tmp_path / name)
     assert s["status"] == "ok" and s["n_images"] == 1
