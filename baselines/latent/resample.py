@@ -187,9 +187,7 @@ class ReSample(Sampler):
                                 self.patience)[0]
 
     def pixel_opt(self, z0, y, operator, prior):
-        A = getattr(operator, "pixel", None)
-        if A is None:
-            raise ValueError("resample: pixel-space optimisation needs the runner's ThroughDecoder operator (.pixel)")
+        A = operator.pixel
         x, _ = hard_consistency(prior.decode(z0), lambda v: y - A.forward(v), self.pixel_lr, self.pixel_iters,
                                 self.eps, None)
         return prior.encode(x)
@@ -202,6 +200,9 @@ class ReSample(Sampler):
         S = self.steps
         split = S // self.splits
         travel = set(self.travels())
+        if any(j >= split for j in travel) and getattr(operator, "pixel", None) is None:
+            raise ValueError("resample: the pixel-space stage needs the task's own operator: pass the runner's "
+                             "ThroughDecoder(A, D, E) (its .pixel is A)")
         shape = self.sample_shape(y, prior)
         z = self.init_noise(rng, y, prior)
         for i in range(S):
