@@ -75,11 +75,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def speed_samplers() -> list[str]:
     """Every registry sampler that calls the network (its YAML has ``steps``); ``pinv`` and the like are free.  A
-    sampler defined only on a latent prior (``needs_latent``) is left out: this benchmark times pixel priors."""
+    latent solver (``needs_latent``) is timed on the tiny latent model (:func:`needs_latent`)."""
     from reddiff import registry
 
-    return [n for n in registry.sampler_names() if "steps" in registry.sampler_config(n)
-            and not registry.sampler_info(n).get("needs_latent", False)]
+    return [n for n in registry.sampler_names() if "steps" in registry.sampler_config(n)]
 
 
 def forward_kind(name: str) -> str:
