@@ -50,8 +50,8 @@ class FlowDPS(Sampler):
     needs_grad = False
     per_item = ("step_size",)
     # GMM tuning seed: see docs/SAMPLERS.md (flowdps) for the grid and scores
-    gmm_hparams = {"steps": 28, "step_size": 15.0, "shift": 4.0}
-    gmm_tune_grid = {"step_size": [0.3, 1.0, 3.0, 15.0], "shift": [1.0, 4.0], "steps": [28, 100]}
+    gmm_hparams = {"steps": 100, "step_size": 150.0, "shift": 4.0}
+    gmm_tune_grid = {"step_size": [15.0, 50.0, 150.0, 500.0], "shift": [1.0, 4.0], "steps": [28, 100]}
     # tuning space (reddiff.tune.sweeper; unverified: our range, 50x below / 3x above the official 15 (latent units))
     tune_space = {"step_size": "tag(log, interval(0.3, 50.0))"}
 

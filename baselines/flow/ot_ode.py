@@ -43,7 +43,7 @@ class OTODE(Sampler):
     requires: tuple = ("svd",)
     needs_grad = True
     # GMM tuning seed: see docs/SAMPLERS.md (ot_ode) for the grid and scores
-    gmm_hparams = {"steps": 100, "start_time": 0.2, "gamma": "constant"}
+    gmm_hparams = {"steps": 100, "start_time": 0.01, "gamma": "gamma_t"}
     gmm_tune_grid = {"start_time": [0.01, 0.1, 0.2, 0.4], "gamma": ["constant", "gamma_t"]}
     # tuning space (reddiff.tune.sweeper; unverified: our range around the official 0.1..0.4)
     tune_space = {"start_time": "interval(0.02, 0.6)", "gamma": "choice(constant, gamma_t)"}

@@ -41,8 +41,8 @@ class PnPFlow(Sampler):
     needs_grad = False
     per_item = ("lr", "alpha")
     # GMM tuning seed: see docs/SAMPLERS.md (pnp_flow) for the grid and scores
-    gmm_hparams = {"steps": 100, "num_samples": 5, "lr": 1.0, "alpha": 1.0}
-    gmm_tune_grid = {"lr": [0.03, 0.1, 0.3, 1.0], "alpha": [0.01, 0.5, 1.0]}
+    gmm_hparams = {"steps": 100, "num_samples": 5, "lr": 2.0, "alpha": 0.01}
+    gmm_tune_grid = {"lr": [0.1, 0.3, 1.0, 2.0], "alpha": [0.01, 0.5, 1.0]}
     # tuning space (reddiff.tune.sweeper; unverified: our range around the official lr 1.0 and alphas 0.01..1.0)
     tune_space = {"lr": "tag(log, interval(0.1, 3.0))", "alpha": "interval(0.0, 1.5)"}
     test_overrides = {"num_samples": 2}
