@@ -49,7 +49,8 @@ class FlowDPS(Sampler):
     requires: tuple = ("adjoint",)
     needs_grad = False
     per_item = ("step_size",)
-    # GMM tuning seed: see docs/SAMPLERS.md (flowdps) for the grid and scores
+    # tuned on the GMM tuning seed (docs/SAMPLERS.md, flowdps), same command with --samplers flowdps: step 150,
+    # shift 4, 100 steps: mean SW/SW(prior) 0.507 (official 15, 4, 28: 0.708); 100 NFE
     gmm_hparams = {"steps": 100, "step_size": 150.0, "shift": 4.0}
     gmm_tune_grid = {"step_size": [15.0, 50.0, 150.0, 500.0], "shift": [1.0, 4.0], "steps": [28, 100]}
     # tuning space (reddiff.tune.sweeper; unverified: our range, 50x below / 3x above the official 15 (latent units))
