@@ -88,10 +88,15 @@ class FlowDPS(Sampler):
         ry = R(y)
         B = x0.shape[0]
         for _ in range(self.inner_steps):
-            with torch.enable_grad():
-                xg = x0.detach().requires_grad_(True)
-                res = (ry - R(operator.forward(xg))).reshape(B, -1)
-                (grad,) = torch.autograd.grad(res.norm(dim=1).sum(), xg)
+            if self.consistency == "adjoint":   # r = H^T (y - H x): grad ||r|| = -H^T H r / ||r|| (no autograd)
+                r = ry - R(operator.forward(x0))
+                norm = r.reshape(B, -1).norm(dim=1).clamp_min(1e-30)
+                grad = -R(operator.forward(r)) / bcast(norm, r)
+            else:                               # through H^+ by autograd (any pseudo-inverse the operator defines)
+                with torch.enable_grad():
+                    xg = x0.detach().requires_grad_(True)
+                    res = (ry - R(operator.forward(xg))).reshape(B, -1)
+                    (grad,) = torch.autograd.grad(res.norm(dim=1).sum(), xg)
             x0 = x0 - step * grad
         return x0.detach()
 
