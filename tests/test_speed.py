@@ -72,7 +72,8 @@ def test_quick_benchmark_emits_contract(tmp_path, root):
             assert math.isfinite(e[k]) and e[k] > 0, (name, k, e[k])
         steps = meta["steps"][name]
         expect = make_sampler(name, steps).expected_nfe(GaussianPrior(dim=4))  # NFE per image the class declares
-        assert e["nfe"] == expect >= steps, (name, e["nfe"], expect)   # counted by the prior
+        # counted by the prior (not always >= steps: OT-ODE runs the last N - int(N start_time) steps of its grid)
+        assert e["nfe"] == expect > 0, (name, e["nfe"], expect)
         assert e["batch"] == max(meta["batches"])
         assert e["wall_over_forward"] == pytest.approx(e["wall_s"] / (e["nfe"] * e["forward_ms"] / 1e3), rel=1e-9)
         assert e["images_per_second"] == pytest.approx(e["batch"] / e["wall_s"], rel=1e-9)
