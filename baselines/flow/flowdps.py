@@ -27,7 +27,8 @@ from reddiff.samplers.base import Sampler, bcast, validate_steps
 
 CONSISTENCY = ("adjoint", "pinv")
 # SD3-medium's scheduler: timesteps 1..1000 shifted by its config shift 3.0, so the smallest u is
-# 3 * 0.001 / (1 + 2 * 0.001) (diffusers FlowMatchEulerDiscreteScheduler.__init__; sigma_min)
+# 3 * 0.001 / (1 + 2 * 0.001) (diffusers 0.30.1 scheduling_flow_match_euler_discrete.py:75-90, sigma_min; the grid
+# is set_timesteps :193-202, re-shifted by config.shift)
 U_MIN = 3e-3 / (1 + 2e-3)
 
 
