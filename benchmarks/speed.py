@@ -309,23 +309,28 @@ def time_coder(prior, batch: int, which: str, repeats: int, warmup: int) -> floa
 
 
 class StepClock:
-    """Wraps ``prior.eps`` to record, inside a sampler run, when each network call starts and how long the network
-    itself takes: the forward, and for calls whose input requires grad the backward through the network (from the
-    moment the gradient reaches ``eps`` to the moment it reaches ``x_t``, via tensor hooks).  CPU only (no
-    synchronisation).  Network and sampler time are measured in the same run, so background load inflates both
-    alike: ``wall / network_s`` isolates the sampler's own cost on a busy machine."""
+    """Wraps ``prior.eps`` and ``prior.denoise`` (the samplers written on sigma or on the flow view call the latter)
+    to record, inside a sampler run, when each network call starts and how long the network itself takes: the
+    forward, and for calls whose input requires grad the backward through the network (from the moment the gradient
+    reaches the output to the moment it reaches the input, via tensor hooks).  CPU only (no synchronisation).
+    Network and sampler time are measured in the same run, so background load inflates both alike:
+    ``wall / network_s`` isolates the sampler's own cost on a busy machine."""
 
     def __init__(self, prior):
-        self.prior, self.stamps, self._orig = prior, [], prior.eps
+        self.prior, self.stamps = prior, []
+        self._orig = {name: getattr(prior, name) for name in ("eps", "denoise")}
         self.forward_s = 0.0
         self.backward_s = 0.0
+        for name, fn in self._orig.items():
+            setattr(prior, name, self._timed(fn))
 
-        def eps(x_t, t):
+    def _timed(self, fn):
+        def call(x, *args, **kwargs):
             t0 = time.perf_counter()
             self.stamps.append(t0)
-            out = self._orig(x_t, t)
+            out = fn(x, *args, **kwargs)
             self.forward_s += time.perf_counter() - t0
-            if out.requires_grad and x_t.requires_grad:
+            if out.requires_grad and x.requires_grad:
                 mark = {}
 
                 def start(g):
@@ -336,13 +341,14 @@ class StepClock:
                         self.backward_s += time.perf_counter() - mark.pop("t")
 
                 out.register_hook(start)
-                x_t.register_hook(end)
+                x.register_hook(end)
             return out
 
-        prior.eps = eps
+        return call
 
     def close(self):
-        self.prior.eps = self._orig
+        for name, fn in self._orig.items():
+            setattr(self.prior, name, fn)
 
     @property
     def network_s(self) -> float:

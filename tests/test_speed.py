@@ -77,7 +77,8 @@ def test_quick_benchmark_emits_contract(tmp_path, root):
         assert latent == bool(getattr(registry.sampler_class(name), "needs_latent", False))
         small = LinearDecoderGMM(torch.eye(4, dtype=torch.float64), torch.eye(4)) if latent else GaussianPrior(dim=4)
         expect = make_sampler(name, steps).expected_nfe(small)         # NFE per image the class declares
-        assert e["nfe"] == expect >= steps, (name, e["nfe"], expect)   # counted by the prior
+        # counted by the prior (not always >= steps: OT-ODE runs the last N - int(N start_time) steps of its grid)
+        assert e["nfe"] == expect > 0, (name, e["nfe"], expect)
         assert e["batch"] == max(meta["batches"])
         coder = (e["decoder_calls"] * e["decode_ms"] + e["encoder_calls"] * e["encode_ms"]) if latent else 0.0
         assert e["wall_over_forward"] == pytest.approx(e["wall_s"] / ((e["nfe"] * e["forward_ms"] + coder) / 1e3),
