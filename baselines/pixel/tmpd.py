@@ -83,7 +83,7 @@ class TMPD(DDIMFamily):
     needs_grad = True
     # tuned on the GMM tuning seed (docs/SAMPLERS.md#tmpd: grid and scores)
     gmm_hparams = {"covariance": "cg", "cg_iters": 4, "eta": 1.0}
-    gmm_tune_grid = {"covariance": ["rowsum", "cg"], "eta": [0.5, 1.0]}
+    gmm_tune_grid = {"cg_iters": [1, 2, 4], "eta": [0.5, 1.0]}
     # tuning space (reddiff.tune.sweeper; unverified: the DDIM range, the official 1.0 inside)
     tune_space = {"eta": "interval(0.0, 1.0)"}
     # exact moments for any Gaussian prior and linear H; the chain's plug-in bias shrinks with the steps
