@@ -2,8 +2,8 @@
 
 DPS's guidance with the data loss averaged over ``n`` Monte-Carlo draws of ``x0 ~ N(x0_hat, r_t^2 I)`` instead of
 evaluated at ``x0_hat`` alone, ``r_t = sigma_t / sqrt(1 + sigma_t^2)``, i.e. ``r_t^2 = 1 - a_t`` on the VP grid
-(InverseBench ``algo/lgd.py:44``, code; the paper's form, unverified: not read here).  As implemented by InverseBench (devzhk/InverseBench
-``algo/lgd.py``, the reference the field runs; the paper has no official code):
+(InverseBench ``algo/lgd.py:44``, code; the paper's form, unverified: not read here).  As implemented by
+InverseBench (devzhk/InverseBench ``algo/lgd.py``, the reference the field runs; the paper has no official code):
 
     x0_hat = (x_t - sqrt(1 - a_t) eps(x_t, t)) / sqrt(a_t)               one network call, with its graph
     x0_j   = x0_hat + r_t z_j,   L_j = ||y - H(x0_j)||^2,   j = 1..n     n draws, no network call
