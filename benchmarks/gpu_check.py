@@ -243,7 +243,7 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
             self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
             self.C = cfg.in_channels
 
-        def _eps(self, x_t, t):
+        def _eps_time(self, x_t, t):  # a real time input too: samplers written on sigma call prior.denoise
             return self.net(x_t, t.to(x_t.device))[:, : self.C]
 
     base = RandomADM()

@@ -592,7 +592,8 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
                 "wall_over_network_time",
                 "rss_over_bare_loop",
                 "peak_gpu_mb", "threads")
-        out[s] = {**{k: head.get(k) for k in keys}, "by_batch": by_batch}
+        coder = {k: head[k] for k in ("prior", "decoder_calls", "encoder_calls", "decode_ms", "encode_ms") if k in head}
+        out[s] = {**{k: head.get(k) for k in keys}, **coder, "by_batch": by_batch}
     out["bare_forward"] = loops
     sweep = next((r for sp, r in zip(specs, results) if sp["mode"] == "sweep"), None)
     if sweep is not None:
