@@ -1,4 +1,5 @@
-"""The particle samplers (every registered subclass of the shared loop reddiff/samplers/smc.py: MCG-diff, FPS-SMC):
+"""The particle samplers (every registered subclass of the shared loop reddiff/samplers/smc.py: MCG-diff, FPS-SMC,
+DDSMC):
 chunked network calls give the same particles and weights as one call on all of them, the prior counts N
 evaluations per step, and pooled systems (``draws_per_system``) return the particle cloud itself, keep a batch
 equal to a loop over systems, draw from the system's particles and refuse what they cannot pool."""
@@ -80,8 +81,10 @@ def test_fewer_draws_than_particles_are_particles(name):
     resampling (each particle at most once when the final weights are uniform).  Exactness of the weighted
     particles themselves is the trend test in the sampler's own test file."""
     prior, op, y = gmm_problem(B=1)
-    x_run, _ = registry.build_sampler(name, steps=8, particles=8).run(y, op, prior, BatchRNG([3]))
+    x_run, logw = registry.build_sampler(name, steps=8, particles=8).run(y, op, prior, BatchRNG([3]))
     X = registry.build_sampler(name, steps=8, particles=8, draws_per_system=4).sample(
         y.expand(4, -1).contiguous(), op, prior, BatchRNG([3, 0, 0, 0]))
     match = (X[:, None, :] == x_run[0][None]).all(-1)          # (4 draws, 8 particles)
-    assert match.any(1).all() and (match.sum(0) <= 1).all(), match
+    assert match.any(1).all(), match
+    if torch.equal(logw, logw[:, :1].expand_as(logw)):        # DDSMC ends on an importance weight (not uniform)
+        assert (match.sum(0) <= 1).all(), match
