@@ -30,7 +30,6 @@ from typing import Callable, Optional
 
 import torch
 
-from reddiff.baselines.daps import poly_grid
 from reddiff.samplers.smc import SpectralSMC
 
 
@@ -52,16 +51,17 @@ class DDSMC(SpectralSMC):
     per_item = ()
     test_overrides = {"particles": 4}
     # GMM (benchmarks.gmm_posterior --tune --samplers ddsmc, tuning seed; docs/SAMPLERS.md#ddsmc): pooled systems
-    gmm_hparams = {"particles": 500, "draws_per_system": 0, "steps": 100, "eta": 1.0, "rho_max": 47.0,
-                   "resampling": "systematic", "ess_threshold": 0.5}
-    gmm_tune_grid = {"particles": [500], "draws_per_system": [0], "steps": [100], "eta": [0.5, 1.0],
-                     "rho_max": [5.0, 47.0], "resampling": ["systematic"], "ess_threshold": [0.5, 1.0]}
+    gmm_hparams = {"particles": 100, "draws_per_system": 0, "steps": 100, "eta": 1.0, "ess_threshold": 1.0,
+                   "resampling": "systematic"}
+    gmm_tune_grid = {"particles": [100], "draws_per_system": [0], "steps": [100], "eta": [0.5, 1.0],
+                     "ess_threshold": [0.5, 1.0], "rho_max": [10.0, 47.0], "resampling": ["systematic"]}
     tune_space = {"eta": "interval(0.0, 1.0)", "rho_max": "tag(log, interval(1.0, 100.0))"}  # unverified: around
     # the official 0.5 and 47 (its own Bayesian optimisation ranged over eta in {0, 0.5, 1}, ddsmc.yaml:2-10)
     exact_gaussian = {"overrides": {"steps": 50, "particles": 16, "eta": 1.0}, "mean_tol": 0.45, "cov_tol": 0.3}
 
     def __init__(self, steps: int = 100, particles: int = 16, eta: float = 0.5, rho_max: float = 47.0,
-                 rho_min: float = 0.01, rho_poly: float = 7.0, min_noise_std: float = 1e-3,
+                 rho_min: float = 0.01, rho_poly: float = 7.0, sigma_max: float = 100.0, sigma_min: float = 0.01,
+                 min_noise_std: float = 1e-3,
                  resampling: str = "multinomial", ess_threshold: float = 1.0, chunk_elements: int = 2 ** 17,
                  spacing: str = "default", log_every: int = 10, draws_per_system: int = 1):
         super().__init__(steps, particles, resampling, ess_threshold, chunk_elements, spacing, log_every,
@@ -69,18 +69,31 @@ class DDSMC(SpectralSMC):
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"ddsmc: eta must be in [0, 1], got {eta}")
         for key, v in (("rho_max", rho_max), ("rho_min", rho_min), ("rho_poly", rho_poly),
-                       ("min_noise_std", min_noise_std)):
+                       ("sigma_max", sigma_max), ("sigma_min", sigma_min), ("min_noise_std", min_noise_std)):
             if not (math.isfinite(float(v)) and float(v) > 0.0):
                 raise ValueError(f"ddsmc: {key} must be finite and > 0, got {v}")
         if float(rho_min) > float(rho_max):
             raise ValueError(f"ddsmc: rho_min must not exceed rho_max, got {rho_min} > {rho_max}")
         self.eta, self.rho_max, self.rho_min, self.rho_poly = float(eta), float(rho_max), float(rho_min), \
             float(rho_poly)
+        if float(sigma_min) >= float(sigma_max):
+            raise ValueError(f"ddsmc: sigma_min must be below sigma_max, got {sigma_min} >= {sigma_max}")
+        self.sigma_max, self.sigma_min = float(sigma_max), float(sigma_min)
         self.min_noise_std = float(min_noise_std)
 
-    def rhos(self, S: int) -> list[float]:
-        """``rho_L`` for the ``S`` levels with a network call, then 0 at the clean level."""
-        return poly_grid(self.rho_max, self.rho_min, S, self.rho_poly) + [0.0]
+    def rho_of_sigma(self, sigma: float) -> float:
+        """The official pairing of noise level and ``rho``: both schedules are poly-``rho_poly`` grids of the same
+        length (sigma from ``sigma_max`` to ``sigma_min``, rho from ``rho_max`` to ``rho_min``), so the level at
+        fraction ``u`` of the official sigma grid has the rho at fraction ``u`` of the rho grid (clamped to
+        [0, 1]: ``rho_max`` above ``sigma_max``, ``rho_min`` below ``sigma_min``)."""
+        p = self.rho_poly
+        hi, lo = self.sigma_max ** (1 / p), self.sigma_min ** (1 / p)
+        u = min(max((hi - sigma ** (1 / p)) / (hi - lo), 0.0), 1.0)
+        return (self.rho_max ** (1 / p) + u * (self.rho_min ** (1 / p) - self.rho_max ** (1 / p))) ** p
+
+    def rhos(self, sig: list[float]) -> list[float]:
+        """``rho_L`` at the noise levels ``sig`` of the levels with a network call, then 0 at the clean level."""
+        return [self.rho_of_sigma(s) for s in sig] + [0.0]
 
     def _loglik(self, x0o: torch.Tensor, ctx: dict, rho: float) -> torch.Tensor:
         """``sum_obs log N(y_hat; x0, r + rho^2)`` up to a per-item constant: ``(N, B)``."""
@@ -108,7 +121,7 @@ class DDSMC(SpectralSMC):
         dtype, device = ctx["dtype"], ctx["device"]
         a = [float(sch.alpha_bar_at(t)) for t in ts]
         sig = [math.sqrt((1 - v) / v) for v in a] + [0.0]
-        rho = self.rhos(S)
+        rho = self.rhos(sig[:S])
         y_hat, r = ctx["y_hat"], ctx["r_eff"]
 
         x = sig[0] * rng.randn((B, N, n), dtype=torch.float64).to(device).transpose(0, 1).contiguous()

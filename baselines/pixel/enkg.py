@@ -71,7 +71,7 @@ class EnKG(Sampler):
     gmm_hparams = {"particles": 100, "draws_per_system": 0, "steps": 40, "guidance_scale": 1.0, "num_updates": 2,
                    "threshold_start": 0.05, "threshold_end": 0.05}
     gmm_tune_grid = {"particles": [100], "draws_per_system": [0], "steps": [40],
-                     "guidance_scale": [0.25, 0.5, 1.0, 2.0, 4.0], "num_updates": [1, 2]}
+                     "guidance_scale": [0.5, 1.0, 2.0, 4.0], "num_updates": [1, 2]}
     # reddiff.tune.sweeper (unverified: around the official 2.0 and 2)
     tune_space = {"guidance_scale": "tag(log, interval(0.25, 8.0))", "num_updates": "range(1, 4)"}
 
