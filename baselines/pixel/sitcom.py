@@ -49,7 +49,7 @@ class SITCOM(Sampler):
     per_item = ()
     test_overrides = {"inner": 3, "early_stop": False}
     # GMM (benchmarks.gmm_posterior --tune --samplers sitcom, tuning seed; docs/SAMPLERS.md#sitcom)
-    gmm_hparams = {"steps": 20, "inner": 30, "lr": 0.5, "lam": 0.0, "clip_x0": False}
+    gmm_hparams = {"steps": 20, "inner": 30, "lr": 0.5, "lam": 1.0, "clip_x0": False}
     gmm_tune_grid = {"steps": [20], "inner": [30], "lr": [0.1, 0.5, 2.0], "lam": [0.0, 1.0], "clip_x0": [False]}
     # reddiff.tune.sweeper (unverified: 10x around the official lr 0.02; lam from 0, the official code)
     tune_space = {"lr": "tag(log, interval(0.002, 0.2))", "lam": "interval(0.0, 1.0)"}
