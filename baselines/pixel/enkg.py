@@ -68,7 +68,7 @@ class EnKG(Sampler):
     per_item = ()
     test_overrides = {"particles": 4}
     # GMM (benchmarks.gmm_posterior --tune --samplers enkg, tuning seed; docs/SAMPLERS.md#enkg): pooled ensembles
-    gmm_hparams = {"particles": 100, "draws_per_system": 0, "steps": 40, "guidance_scale": 1.0, "num_updates": 2,
+    gmm_hparams = {"particles": 100, "draws_per_system": 0, "steps": 40, "guidance_scale": 2.0, "num_updates": 2,
                    "threshold_start": 0.05, "threshold_end": 0.05}
     gmm_tune_grid = {"particles": [100], "draws_per_system": [0], "steps": [40],
                      "guidance_scale": [0.5, 1.0, 2.0, 4.0], "num_updates": [1, 2]}
