@@ -171,6 +171,7 @@ class ThroughDecoder(Operator):
         super().__init__(operator.sigma_y, operator.value_range)
         self.pixel, self.decode, self.encode = operator, decode, encode
         self.name = f"{operator.name} through the decoder"
+        self.differentiable = operator.differentiable      # a black-box pixel operator stays one through D
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.pixel.forward(self.decode(z))
