@@ -20,8 +20,9 @@ Tweedie's ``x0_L = D(x_L, sigma_L)`` and, per observed coordinate, ``y_hat = (U^
   resampling every step (ddsmc.py:260-281); the last step (into sigma = 0) is the proposal mean and the final
   weight ``N(y_hat; x_S, r) / N(y_hat; x0_{S-1}, r + rho_{S-1}^2)`` (ddsmc.py:176-187, 283-286).
 
-``rho_L`` follows its own EDM poly-7 schedule from ``rho_max`` to ``rho_min`` (ddsmc.yaml:32-38).  The levels are
-the prior's strided grid (``steps``) instead of the official poly-7 sigma grid from 100 to 0.01 in 200 steps.
+``rho`` is the official pairing of two poly-7 schedules (sigma 100 -> 0.01, rho 47 -> 0.01, ddsmc.yaml:24-38) read as
+a function of the noise level (:meth:`DDSMC.rho_of_sigma`), so that the levels can be the prior's strided grid
+(``steps``) instead of the official sigma grid of 200 steps.
 """
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ class DDSMC(SpectralSMC):
         steps: levels = network evaluations per particle (official 200, ddsmc.yaml:25).
         particles: N particles per item (official 16, ddsmc.yaml:22).
         eta: coupling of the transition to the current state (official 0.5 at 360 NFE, ddsmc.yaml:18).
-        rho_max, rho_min, rho_poly: the rho schedule (official 47, 0.01, poly-7; ddsmc.yaml:32-38).
+        rho_max, rho_min, rho_poly: the rho schedule (official 47, 0.01, poly-7; ddsmc.yaml:34-38).
+        sigma_max, sigma_min: the official sigma grid (100, 0.01; ddsmc.yaml:26-27), used only to pair rho with the
+            noise level (:meth:`rho_of_sigma`).
         min_noise_std: floor of the measurement noise std in the likelihood (model units), so that a noiseless
             task keeps a proper final weight (unverified; the official divides by sigma_y^2).
         resampling, ess_threshold: multinomial every step as the official (ddsmc.yaml:21, ddsmc.py:275).
