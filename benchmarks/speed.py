@@ -74,10 +74,12 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 def speed_samplers() -> list[str]:
-    """Every registry sampler that calls the network (its YAML has ``steps``); ``pinv`` and the like are free."""
+    """Every registry sampler that calls the network (its YAML has ``steps``); ``pinv`` and the like are free.  A
+    sampler defined only on a latent prior (``needs_latent``) is left out: this benchmark times pixel priors."""
     from reddiff import registry
 
-    return [n for n in registry.sampler_names() if "steps" in registry.sampler_config(n)]
+    return [n for n in registry.sampler_names() if "steps" in registry.sampler_config(n)
+            and not registry.sampler_info(n).get("needs_latent", False)]
 
 
 def forward_kind(name: str) -> str:
