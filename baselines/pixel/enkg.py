@@ -73,7 +73,7 @@ class EnKG(Sampler):
     gmm_tune_grid = {"particles": [100], "draws_per_system": [0], "steps": [40],
                      "guidance_scale": [0.5, 1.0, 2.0, 4.0], "num_updates": [1, 2]}
     # reddiff.tune.sweeper (unverified: around the official 2.0 and 2)
-    tune_space = {"guidance_scale": "tag(log, interval(0.25, 8.0))", "num_updates": "range(1, 4)"}
+    tune_space = {"guidance_scale": "tag(log, interval(0.25, 8.0))", "num_updates": "choice(1, 2, 3)"}
 
     def __init__(self, steps: int = 30, particles: int = 16, num_updates: int = 2, guidance_scale: float = 2.0,
                  lr_min_ratio: float = 0.0, threshold_start: float = 0.05, threshold_end: float = 0.05,
