@@ -158,9 +158,7 @@ def discover_samplers() -> tuple[list[str], str]:
     try:
         from reddiff import registry
 
-        # a sampler defined only on a latent prior (needs_latent) is not timed here: the check runs a pixel UNet
-        return [n for n in registry.sampler_names() if not registry.sampler_info(n).get("needs_latent", False)], \
-            "reddiff.registry"
+        return list(registry.sampler_names()), "reddiff.registry"  # latent solvers: on the latent model
     except Exception as e:  # noqa: BLE001 - fall back to the YAML files
         return sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml")), f"conf/sampler glob ({e})"
 

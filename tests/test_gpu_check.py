@@ -134,12 +134,11 @@ def test_dry_run_produces_every_measurement(root, tmp_path):
     res, md, _ = _dry(root, tmp_path, "--budget-s", "1e9", "--box-s", "1e9", timeout=1800)  # a hang guard only
     m = res["meta"]
     assert m["dry_run"] and not m["deadline_hit"], (m["elapsed_s"], m["cpu_s"])
-    pixel = [n for n in sampler_names() if not sampler_info(n)["needs_latent"]]  # latent-only samplers: not timed
-    assert m["samplers"] == pixel and m["sampler_source"] == "reddiff.registry"
+    assert m["samplers"] == sampler_names() and m["sampler_source"] == "reddiff.registry"
     assert m["unet_config"]["learn_sigma"] and m["unet_config"]["out_channels"] == 6
     assert res["not_measured"] == [f"memory {dt}: no CUDA memory statistics on the CPU" for dt in ("fp32", "bf16")]
     for dt in ("fp32", "bf16"):
-        for name in pixel:
+        for name in sampler_names():
             info = sampler_info(name)
             latent = bool(getattr(sampler_class(name), "needs_latent", False))
             for b in ("1", "8"):
