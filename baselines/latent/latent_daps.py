@@ -68,7 +68,7 @@ class LatentDAPS(DAPS):
     name = "latent_daps"
     needs_latent = True
     needs_grad = False  # differentiates through the decoder only, never through the network
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     per_item = ("lr", "tau")
     # LinearDecoderGMM (benchmarks/gmm_posterior.py --latent): the exact variant of the pixel DAPS's GMM settings
     gmm_hparams = {"steps": 80, "sigma_max": 100.0, "sigma_min": 0.1, "ode_steps": 1, "ode_sigma_min": 0.0,

@@ -113,7 +113,7 @@ class ReSample(Sampler):
     name = "resample"
     needs_latent = True
     needs_grad = True
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     # LinearDecoderGMM (benchmarks/gmm_posterior.py --latent): not asymptotically exact (hard consistency); settings
     # for short runs on the vector benchmark
     gmm_hparams = {"steps": 100, "travel_every": 5, "latent_iters": 200, "pixel_iters": 200}

@@ -39,7 +39,7 @@ class LGD(DDIMFamily):
     """
 
     name = "lgd"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     needs_grad = True
     per_item = ("scale",)
     # tuned on the GMM tuning seed: score 0.228 (SW / SW prior; best n = 1, DPS with zeta' = scale: 0.253); grid and scores in

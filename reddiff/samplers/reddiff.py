@@ -118,7 +118,7 @@ class REDDiff(Sampler):
     """
 
     name = "reddiff"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     per_item = PER_ITEM
     # GMM benchmark: tuned on the tuning seed (results/gmm_posterior.md)
     gmm_hparams = {"lr": 4.0, "lam": 0.25, "sigma_x0": 0.0, "weighting": "linear", "sigma_aware": True}
