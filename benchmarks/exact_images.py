@@ -266,17 +266,19 @@ def run_problem(task: str, p: int, cfg: dict, plan: dict) -> dict:
     yb = y.to(torch.float32).expand((n,) + tuple(y.shape[1:])).contiguous()
     opn = bind(n)
     for name, runs in plan.items():
-        for budget, ov, _ in runs:
+        for entry in runs:
+            budget, ov = entry[0], entry[1]
+            label = entry[3] if len(entry) > 3 else f"{name}@{budget}"
             sampler = registry.build_sampler(name, task, **ov)
-            rng = BatchRNG(_seed(cfg["seed"], tid, p, sampler_stream(name), budget), per_item=False)
+            rng = BatchRNG(_seed(cfg["seed"], tid, p, sampler_stream(label)), per_item=False)
             prior.reset_nfe()
             t0 = time.perf_counter()
             try:
                 X = sampler.sample(yb, opn, prior, rng)
             except Exception as e:  # noqa: BLE001 - a sampler that fails is reported, not fatal to the run
-                out["cells"][f"{name}@{budget}"] = {"finite": False, "error": f"{type(e).__name__}: {e}"[:200]}
+                out["cells"][label] = {"finite": False, "error": f"{type(e).__name__}: {e}"[:200]}
                 continue
-            record(f"{name}@{budget}", X, time.perf_counter() - t0, prior.nfe, budget)
+            record(label, X, time.perf_counter() - t0, prior.nfe, budget)
     if keep is not None:
         out["kept"] = keep
     return out
@@ -294,6 +296,8 @@ def aggregate(records: list[dict]) -> dict:
         ok = [r for r in rs if r.get("finite")]
         cell = {m: (float(np.mean([r[m] for r in ok])) if ok else None) for m in METRICS}
         cell["budget"] = rs[0].get("budget")
+        for m in ("mmse_gap", "psnr", "mode_tv"):  # per problem (problem order), for paired comparisons
+            cell[f"{m}_per_problem"] = [r.get(m) for r in rs]
         cell["n_failed"] = len(rs) - len(ok)
         errs = sorted({r["error"] for r in rs if "error" in r})
         if errs:
@@ -338,7 +342,7 @@ def run_all(cfg: dict, tasks: Sequence[str], samplers: Sequence[str] | None, log
         results[t] = aggregate(recs)
         per_problem[t] = [{k: v for k, v in r.items() if k != "cells"} for r in recs]
     return {"results": results, "problems": per_problem,
-            "plans": {t: {n: [[b, ov, e] for b, ov, e in runs] for n, runs in pl.items()} for t, pl in plans.items()},
+            "plans": {t: {n: [list(r) for r in runs] for n, runs in pl.items()} for t, pl in plans.items()},
             "kept": kept}
 
 
