@@ -141,16 +141,34 @@ def binder(task: str, index: int, size: int, sigma_y: float):
     return bind
 
 
+_CONFIGS: dict = {}
+
+
+def build(name: str, task: str, **overrides):
+    """``registry.build_sampler(name, task, **overrides)`` with the resolved YAML cached: the class called on
+    its keyword arguments (the budget search builds thousands of samplers; Hydra's instantiate is the slow part)."""
+    if (name, task) not in _CONFIGS:
+        cfg = registry.sampler_config(name, task)
+        simple = all(not isinstance(v, dict) or "_target_" not in v for v in cfg.values())
+        _CONFIGS[(name, task)] = (cfg, simple)
+    cfg, simple = _CONFIGS[(name, task)]
+    if not simple:
+        return registry.build_sampler(name, task, **overrides)
+    kw = {k: v for k, v in cfg.items() if k != "_target_"}
+    kw.update(overrides)
+    return registry.import_target(cfg["_target_"])(**kw)
+
+
 def _nfe_knobs(name: str, task: str, prior) -> dict:
     """The sampler's integer settings that change its ``expected_nfe`` (probed by halving each)."""
     base = registry.sampler_config(name, task)
-    ref = registry.build_sampler(name, task).expected_nfe(prior)
+    ref = build(name, task).expected_nfe(prior)
     knobs = {}
     for k, v in base.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 2 or k.startswith("_"):
             continue
         try:
-            if registry.build_sampler(name, task, **{k: v // 2}).expected_nfe(prior) != ref:
+            if build(name, task, **{k: v // 2}).expected_nfe(prior) != ref:
                 knobs[k] = v
         except Exception:  # noqa: BLE001 - a setting that cannot be halved is not a knob
             continue
@@ -162,11 +180,11 @@ def budget_settings(name: str, task: str, prior, budget: int) -> tuple[dict, int
     together), and that NFE.  A sampler without knobs (pinv) runs as it is."""
     knobs = _nfe_knobs(name, task, prior)
     if not knobs:
-        return {}, registry.build_sampler(name, task).expected_nfe(prior)
+        return {}, build(name, task).expected_nfe(prior)
 
     def nfe(ov):
         try:
-            return registry.build_sampler(name, task, **ov).expected_nfe(prior)
+            return build(name, task, **ov).expected_nfe(prior)
         except Exception:  # noqa: BLE001 - a setting the sampler refuses
             return math.inf
 
@@ -270,7 +288,8 @@ def run_problem(task: str, p: int, cfg: dict, plan: dict) -> dict:
             budget, ov = entry[0], entry[1]
             label = entry[3] if len(entry) > 3 else f"{name}@{budget}"
             sampler = registry.build_sampler(name, task, **ov)
-            rng = BatchRNG(_seed(cfg["seed"], tid, p, sampler_stream(label)), per_item=False)
+            stream = entry[4] if len(entry) > 4 else label  # runs that share a stream share their noise (paired)
+            rng = BatchRNG(_seed(cfg["seed"], tid, p, sampler_stream(stream)), per_item=False)
             prior.reset_nfe()
             t0 = time.perf_counter()
             try:
