@@ -30,8 +30,9 @@ bench: setup  ## regenerate results/speed.md and results/gmm_posterior.md
 	$(PY) -m benchmarks.speed --json results/speed.json
 	$(PY) -m benchmarks.gmm_posterior --json results/gmm_posterior.json --md results/gmm_posterior.md --plot results/gmm_posterior_2d.png --workers 2
 
-exact: setup  ## every sampler on every SVD task against the exact image-scale mixture posterior (< 40 min, 2 cores)
+exact: setup  ## every sampler on every SVD task against the exact image-scale mixture posterior, then the budget curve and RED-diff ablations (docs/EXACT_IMAGES.md)
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.exact_images --json results/exact_images.json --md results/exact_images.md --figure results/exact_images.png
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.exact_images_curve --json results/exact_images_curve.json --md results/exact_images_curve.md --plot results/exact_images_curve.png
 
 # GPU check (docs/GPU_CHECK.md). gpu-check runs on the GPU machine with its own python (no .venv there):
 # make gpu-check GPU_PY=python3.  gpu-wheels (here, with internet) fills gpu_wheels/ for it to carry.
