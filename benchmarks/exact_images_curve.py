@@ -1,7 +1,7 @@
 """Error against budget on the exact image-scale posterior, and RED-diff's ordering and weighting ablations.
 
-    python -m benchmarks.exact_images_curve [--tasks sr4] [--budgets 25,100,400,1600]
-        [--particles 1,4,16] [--ablation-tasks inpaint_freeform,sr4] [--problems 3] [--samples 16]
+    python -m benchmarks.exact_images_curve [--tasks sr4] [--budgets 25,100,400]
+        [--particles 1,4,16] [--ablation-tasks inpaint_freeform] [--problems 4] [--samples 16]
         [--workers 2] [--json FILE] [--md FILE] [--plot FILE]
 
 Same prior, problems and scores as :mod:`benchmarks.exact_images` (its defaults).  **Curve**: every registry
@@ -157,10 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m benchmarks.exact_images_curve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="sr4")
-    ap.add_argument("--budgets", default="25,100,400,1600")
+    ap.add_argument("--budgets", default="25,100,400")
     ap.add_argument("--particles", default="1,4,16")
-    ap.add_argument("--ablation-tasks", default="inpaint_freeform,sr4")
-    ap.add_argument("--problems", type=int, default=3)
+    ap.add_argument("--ablation-tasks", default="inpaint_freeform")
+    ap.add_argument("--problems", type=int, default=4)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
