@@ -57,6 +57,8 @@ def _row(claim, paper, text, verdict, command, missing=None) -> dict:
 
 def exact_claims(res: Path) -> list[dict]:
     main, curve = _load(res, "exact_images.json"), _load(res, "exact_images_curve.json")
+    main_cmd = (main or {}).get("meta", {}).get("command", MAIN)  # the command that made the committed file
+    curve_cmd = (curve or {}).get("meta", {}).get("command", CURVE)
     rows = []
     miss_main = None if main else "results/exact_images.json absent (make exact)"
     cells = (main or {}).get("results", {}).get("inpaint_freeform", {})
@@ -64,7 +66,7 @@ def exact_claims(res: Path) -> list[dict]:
     for metric, higher, label in (("psnr", True, "PSNR"), ("mmse_gap", False, "MMSE gap, lower is better")):
         text, v = _best(cells, f"reddiff@{BUDGET}", others, metric, higher)
         rows.append(_row(f"RED-diff best on free-form inpainting ({label}, Table 1, ~{BUDGET} NFE)",
-                         "RED-diff 23.29 dB vs DPS 21.27, Pi-GDM 20.30, DDRM 20.72 (paper*, PSNR)", text, v, MAIN,
+                         "RED-diff 23.29 dB vs DPS 21.27, Pi-GDM 20.30, DDRM 20.72 (paper*, PSNR)", text, v, main_cmd,
                          miss_main))
     sr = (main or {}).get("results", {}).get("sr4", {})
     parts, verdicts = [], []
@@ -81,7 +83,7 @@ def exact_claims(res: Path) -> list[dict]:
          "holds" if all(x == "holds" for x in verdicts) else "inconclusive")
     rows.append(_row(f"×4 SR ranking Pi-GDM > RED-diff > DPS (PSNR, ~{BUDGET} NFE)",
                      "Pi-GDM 25.22, RED-diff 24.89, DPS 23.86 dB (unverified, third-party table)", "; ".join(parts),
-                     v, MAIN, miss_main))
+                     v, main_cmd, miss_main))
     miss_curve = None if curve else "results/exact_images_curve.json absent"
     abl = (curve or {}).get("ablation", {}).get("inpaint_freeform", {})
     for key, winner, claim, paper in (
@@ -92,5 +94,5 @@ def exact_claims(res: Path) -> list[dict]:
         labs = {lab.split("=")[1].split("]")[0]: lab for lab in abl if f"[{key}=" in lab}
         w = labs.pop(winner, None)
         text, v = _best(abl, w, labs, "psnr", True) if w else ("-", "inconclusive")
-        rows.append(_row(claim + " (PSNR, free-form inpainting)", paper, text, v, CURVE, miss_curve))
+        rows.append(_row(claim + " (PSNR, free-form inpainting)", paper, text, v, curve_cmd, miss_curve))
     return rows
