@@ -3,7 +3,9 @@ installed ``reddiff-run`` composes the same configs as ``python run.py`` in a cl
 
 Every folder of package data (``conf/<group>/``, ``reddiff/assets/...``) is declared as a package of its own, so
 setuptools installs it without its "Package would be ignored" warnings; the build folder goes to a temporary
-directory, not ``build/`` in the clone."""
+directory, not ``build/`` in the clone.  The distribution claims only the name ``reddiff``: the solvers of
+``baselines/`` install as ``reddiff.baselines`` (the clone links them there too), and ``benchmarks/`` stays in the
+clone (it writes ``results/`` of a clone and is run from one)."""
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +27,7 @@ ASSETS = data_packages("reddiff/assets", "reddiff.assets")
 os.environ.setdefault("REDDIFF_BUILD_BASE", tempfile.mkdtemp(prefix="reddiff-build-"))
 
 setup(
-    packages=sorted(set(find_packages(include=["reddiff*", "baselines*", "benchmarks*"]) + CONF + ASSETS)),
+    packages=sorted(set(find_packages(include=["reddiff*"]) + CONF + ASSETS)),
     package_dir={"reddiff.conf": "conf"},
     package_data={**{p: ["*.yaml"] for p in CONF}, **{p: ["*"] for p in ASSETS}},  # + conf/__init__.py
     options={"build": {"build_base": os.environ["REDDIFF_BUILD_BASE"]}},

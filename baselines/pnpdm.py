@@ -6,7 +6,7 @@ Gibbs sampling of ``pi_rho(x, z) ~ p(x) N(z; x, rho^2 I) p(y | z)`` with ``rho``
 ``rho_i = max(rho_0 decay^i, rho_min)`` (``pnp_edm.py:71-79``), alternating
 
 * likelihood step ``z ~ p(z | x, y) ~ N(z; x, rho^2 I) exp(-||y - A(z)||^2 / (2 sigma^2))``: an exact Gaussian draw
-  for SVD operators (``tasks/__init__.py:98-103``; :func:`baselines.daps.gaussian_conditional`), otherwise
+  for SVD operators (``tasks/__init__.py:98-103``; :func:`reddiff.baselines.daps.gaussian_conditional`), otherwise
   Langevin ``z <- z - lr [grad ||A(z) - y||^2 / (2 sigma^2) + (z - x) / rho^2] + sqrt(2 lr) n`` started at ``x``
   (``tasks/phase_retrieval.py:25-32``); only the data term's gradient is needed, so nonlinear operators work;
 * prior step ``x ~ p(x | z)``: ``z`` is the VE state ``x + rho n``, denoised by the EDM sampler started at noise
@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from baselines.daps import (TIME_INPUTS, LikelihoodNoiseError, data_grad, gaussian_conditional, poly_grid, snap,
+from reddiff.baselines.daps import (TIME_INPUTS, LikelihoodNoiseError, data_grad, gaussian_conditional, poly_grid, snap,
                             ve_sigmas)
 from reddiff.operators.base import SVDOperator
 from reddiff.samplers.base import Sampler, validate_steps
@@ -66,7 +66,7 @@ class PnPDM(Sampler):
         time_input: ``"grid"`` (ours: every level snapped to the prior's discrete ``sigma_t``), ``"continuous"`` or
             ``"vp_continuous"`` (the levels as they are through ``prior.denoise``; the latter with EDM ``VPPrecond``'s
             ``999 sigma_inv(sigma)``, the official ``models/edm/edm.py:35-62`` with ``round_sigma`` the identity;
-            ``compat.pnpdm_time_input``), as :class:`baselines.daps.DAPS`.
+            ``compat.pnpdm_time_input``), as :class:`reddiff.baselines.daps.DAPS`.
         log_every: callback every ``log_every`` iterations and at the last one.
     """
 

@@ -1,6 +1,7 @@
 """The layout shows the architecture.
 
-* Layering: each sub-package of ``reddiff/`` (and ``baselines/``, and each top-level command module) declares in its
+* Layering: each sub-package of ``reddiff/`` (``baselines/`` is ``reddiff.baselines``, through the link
+  ``reddiff/baselines``; and each top-level command module) declares in its
   docstring the line ``May import: ...``; every ``import`` of every module (also the ones inside functions) stays
   within its own sub-package or the ones declared.  ``docs/ARCHITECTURE.md`` opens with the same rules as a table.
 * No cycle in the import graph; no folder over twelve modules; no source file outside ``benchmarks/`` over 400
@@ -15,16 +16,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("reddiff", "baselines")
+#: folder -> its dotted name (``baselines/`` sits at the root and is imported as ``reddiff.baselines``)
+PACKAGES = {"reddiff": "reddiff", "baselines": "reddiff.baselines"}
 MAX_LINES = 400
 MAX_MODULES = 12
 
 
 def modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
-        for p in (ROOT / pkg).rglob("*.py"):
-            parts = list(p.relative_to(ROOT).with_suffix("").parts)
+    for pkg, dotted in PACKAGES.items():
+        for p in (ROOT / pkg).rglob("*.py"):  # rglob does not enter the link reddiff/baselines
+            parts = [dotted, *p.relative_to(ROOT / pkg).with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             out[".".join(parts)] = p
@@ -177,7 +179,7 @@ def test_no_source_file_over_400_lines():
     assert not long, long
 
 
-@pytest.mark.parametrize("pkg", PACKAGES)
+@pytest.mark.parametrize("pkg", list(PACKAGES))
 def test_no_folder_over_twelve_modules(pkg):
     crowded = {}
     for d in [ROOT / pkg, *(p for p in (ROOT / pkg).rglob("*") if p.is_dir())]:
@@ -185,3 +187,15 @@ def test_no_folder_over_twelve_modules(pkg):
         if n > MAX_MODULES:
             crowded[str(d.relative_to(ROOT))] = n
     assert not crowded, crowded
+
+
+def test_baselines_are_imported_only_as_reddiff_baselines():
+    """``baselines/`` is one package under one name: a top-level ``import baselines`` would load a second copy of
+    every class (and is what an installed harness does not have)."""
+    pat = re.compile(r"^\s*(?:from|import)\s+baselines\b", re.M)
+    where = [str(p.relative_to(ROOT)) for d in ("reddiff", "baselines", "benchmarks", "tests") for p in
+             (ROOT / d).rglob("*.py") if pat.search(p.read_text())]
+    where += [str(p.relative_to(ROOT)) for p in (ROOT / "conf").rglob("*.yaml")
+              if re.search(r"_target_:\s*baselines\.", p.read_text())]
+    assert not where, where
+    assert (ROOT / "reddiff" / "baselines").resolve() == (ROOT / "baselines").resolve()

@@ -13,8 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from baselines.ddrm import DDRM
-from baselines.dps import DPS
+from reddiff.baselines.ddrm import DDRM
+from reddiff.baselines.dps import DPS
 from reddiff.core.diffusion import timesteps
 from reddiff.metrics.suite import MetricSuite, png_roundtrip, psnr
 from reddiff.operators.inpainting import Colorization

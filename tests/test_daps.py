@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from baselines.daps import DAPS, gaussian_conditional, poly_grid, snap, ula_gaussian, ve_sigmas
+from reddiff.baselines.daps import DAPS, gaussian_conditional, poly_grid, snap, ula_gaussian, ve_sigmas
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
 from reddiff.core.rng import BatchRNG

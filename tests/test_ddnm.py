@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.ddnm import DDNM, travel_schedule
+from reddiff.baselines.ddnm import DDNM, travel_schedule
 from reddiff.registry import build_operator
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.diffpir import DiffPIR, quad_timesteps
+from reddiff.baselines.diffpir import DiffPIR, quad_timesteps
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior
 from reddiff.registry import build_operator

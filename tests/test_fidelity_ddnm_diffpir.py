@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from baselines.ddnm import DDNM
-from baselines.diffpir import DiffPIR
+from reddiff.baselines.ddnm import DDNM
+from reddiff.baselines.diffpir import DiffPIR
 from reddiff.registry import build_operator
 
 from fidelity_case import RecordingPrior, RecordingRNG, svd_case  # noqa: E402 - tests/ helper

@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
-from baselines.fps_smc import FPSSMC
-from baselines.mcgdiff import MCGDiff
+from reddiff.baselines.fps_smc import FPSSMC
+from reddiff.baselines.mcgdiff import MCGDiff
 
 from fidelity_case import RecordingPrior, RecordingRNG, svd_case  # noqa: E402 - tests/ helper
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.pnpdm import PnPDM
+from reddiff.baselines.pnpdm import PnPDM
 from reddiff.operators.base import Operator
 from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.gaussian import GaussianPrior

@@ -83,7 +83,7 @@ def test_objective_is_mean_psnr_and_the_worst_score_for_diverged_or_na_jobs():
 def _cfg(steps=100, zeta=0.1, prior="embedded"):
     return OmegaConf.create({
         "task": {"name": "inpaint_freeform"}, "sampler_name": "dps", "prior_name": prior,
-        "sampler": {"_target_": "baselines.dps.DPS", "steps": steps, "zeta": zeta},
+        "sampler": {"_target_": "reddiff.baselines.dps.DPS", "steps": steps, "zeta": zeta},
         "tuned": {"prior": "embedded", "table": {"inpaint_freeform": {"s100": {"dps": {"zeta": 3.0}}}}}})
 
 

@@ -36,7 +36,11 @@ EXCLUDE = ("resume", "progress", "device", "save_images", "grid_images", "logger
 SHARD_KEYS = ("data.shard", "data.num_shards")
 #: keys added after results were made, at the value that reproduces those results: left out of the fingerprint at
 #: that value, so folders made before the key existed still resume
-DEFAULTS_BEFORE = {"prior.dialect": '"vp_discrete"'}
+DEFAULTS_BEFORE = {"prior.dialect": '"vp_discrete"', "sampler.parallel": "1"}
+#: modules renamed after results were made: a ``_target_`` is fingerprinted by its name before the rename, so folders
+#: made before still resume (``baselines.dps.DPS`` became ``reddiff.baselines.dps.DPS`` when the harness stopped
+#: installing a top-level ``baselines`` package)
+RENAMED = {'"reddiff.baselines.': '"baselines.'}
 FINGERPRINT = "fingerprint.json"
 RESULT_FILES = ("metrics.csv", "summary.json", "features", "images", "grid.png", "inputs.json", FINGERPRINT,
                 "error.txt")
@@ -55,9 +59,18 @@ def _excluded(key: str) -> bool:
     return any(key == e or key.startswith(e + ".") for e in EXCLUDE)
 
 
+def _renamed(key: str, value: str) -> str:
+    if key.endswith("_target_"):
+        for new, old in RENAMED.items():
+            if value.startswith(new):
+                return old + value[len(new):]
+    return value
+
+
 def fingerprint(resolved: dict, weights_sha256: Optional[str] = None) -> dict:
     """``{"values": {dotted key: json value}, "merge_key": sha256 without the sharding keys}``."""
-    values = {k: v for k, v in _flatten(resolved).items() if not _excluded(k) and DEFAULTS_BEFORE.get(k) != v}
+    values = {k: _renamed(k, v) for k, v in _flatten(resolved).items()
+              if not _excluded(k) and DEFAULTS_BEFORE.get(k) != v}
     if weights_sha256 is not None:
         values["prior.weights_sha256"] = json.dumps(weights_sha256)
     merge = {k: v for k, v in values.items() if k not in SHARD_KEYS}
