@@ -126,8 +126,27 @@ def svd_tasks() -> list[str]:
 
 
 def supported(task: str) -> list[str]:
-    """Every registry sampler whose ``requires`` the task's operator provides (an SVD operator provides all)."""
-    return [n for n in registry.sampler_names() if set(registry.sampler_class(n).requires) <= {"svd", "linear", "adjoint"}]
+    """Every registry sampler whose ``requires`` the task's operator provides (an SVD operator provides all) and
+    that runs on a pixel prior (not ``needs_latent``)."""
+    return [n for n in registry.sampler_names()
+            if set(registry.sampler_class(n).requires) <= {"svd", "linear", "adjoint"}
+            and not getattr(registry.sampler_class(n), "needs_latent", False)]
+
+
+def view_for(name: str, prior):
+    """The prior in a dialect the sampler is defined on (``Sampler.dialects``; the exact prior speaks every one):
+    a shallow copy with another view, so the means and their basis are shared."""
+    import copy
+
+    from reddiff.priors.dialects import make_dialect
+
+    dialects = getattr(registry.sampler_class(name), "dialects", None)
+    if dialects is None or prior.dialect in dialects:
+        return prior
+    other = copy.copy(prior)
+    other.view = make_dialect(dialects[0], prior.schedule)
+    other.nfe = 0
+    return other
 
 
 def binder(task: str, index: int, size: int, sigma_y: float):
@@ -178,6 +197,7 @@ def _nfe_knobs(name: str, task: str, prior) -> dict:
 def budget_settings(name: str, task: str, prior, budget: int) -> tuple[dict, int]:
     """Overrides giving the largest ``expected_nfe <= budget`` (``steps`` first, then every knob scaled down
     together), and that NFE.  A sampler without knobs (pinv) runs as it is."""
+    prior = view_for(name, prior)
     knobs = _nfe_knobs(name, task, prior)
     if not knobs:
         return {}, build(name, task).expected_nfe(prior)
@@ -288,16 +308,17 @@ def run_problem(task: str, p: int, cfg: dict, plan: dict) -> dict:
             budget, ov = entry[0], entry[1]
             label = entry[3] if len(entry) > 3 else f"{name}@{budget}"
             sampler = registry.build_sampler(name, task, **ov)
+            pv = view_for(name, prior)
             stream = entry[4] if len(entry) > 4 else label  # runs that share a stream share their noise (paired)
             rng = BatchRNG(_seed(cfg["seed"], tid, p, sampler_stream(stream)), per_item=False)
-            prior.reset_nfe()
+            pv.reset_nfe()
             t0 = time.perf_counter()
             try:
-                X = sampler.sample(yb, opn, prior, rng)
+                X = sampler.sample(yb, opn, pv, rng)
             except Exception as e:  # noqa: BLE001 - a sampler that fails is reported, not fatal to the run
                 out["cells"][label] = {"finite": False, "error": f"{type(e).__name__}: {e}"[:200]}
                 continue
-            record(label, X, time.perf_counter() - t0, prior.nfe, budget)
+            record(label, X, time.perf_counter() - t0, pv.nfe, budget)
     if keep is not None:
         out["kept"] = keep
     return out

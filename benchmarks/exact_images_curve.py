@@ -42,7 +42,7 @@ def curve_plan(task: str, prior, budgets: Sequence[int], particles: Sequence[int
         if "particles" in registry.sampler_config(name, task):
             for n in particles:
                 ov = {"particles": n, "steps": 25}
-                nfe = registry.build_sampler(name, task, **ov).expected_nfe(prior)
+                nfe = registry.build_sampler(name, task, **ov).expected_nfe(E.view_for(name, prior))
                 runs.append((nfe, ov, nfe, f"{name}[N={n}]@{nfe}"))
         if runs:
             plan[name] = runs
