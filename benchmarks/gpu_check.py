@@ -37,7 +37,8 @@ PyYAML, pytest) travel as wheels in ``--wheels`` (default ``gpu_wheels/``, made 
 only those whose modules are not importable are unpacked into a temporary folder on ``sys.path``.  Without hydra the
 operator and samplers are built from their classes (sr4 values, class defaults).
 
-``--dry-run`` runs the same code on the CPU with a tiny UNet; CUDA OOM cannot happen there, so the max-batch search
+``--dry-run`` runs the same code on the CPU with a tiny UNet (and each sampler at its ``test_overrides``: fewer
+particles and inner iterations); CUDA OOM cannot happen there, so the max-batch search
 meets a *simulated* OOM (``torch.OutOfMemoryError`` raised by the network when the probed image batch exceeds
 ``--dry-oom-batch``; ``simulated_oom`` in the JSON); CUDA memory figures are "not measured".  The paper's numbers
 (:data:`PAPER`) are printed beside ours with their provenance tags.
@@ -198,8 +199,14 @@ def sampler_meta(name: str) -> dict:
             "needs_latent": bool(getattr(cls, "needs_latent", False))}
 
 
-def build_sampler(name: str, steps: int, meta: dict):
+def build_sampler(name: str, steps: int, meta: dict, dry: bool = False):
+    """The sampler at ``steps``; in the dry run also at its ``test_overrides`` (the generic tests' small settings:
+    fewer particles, inner iterations), so that toy-size runs stay short whatever the sampler's inner loops."""
     kw = {"steps": steps} if meta["has_steps"] else {}
+    if dry:
+        # (not steps, which the check sets; not a None, "the operator's own" setting that noiseless sr4 lacks)
+        kw = {**{k: v for k, v in getattr(sampler_class(name), "test_overrides", {}).items()
+                 if k != "steps" and v is not None}, **kw}
     try:
         from reddiff import registry
 
@@ -357,7 +364,7 @@ class Bench:
 
         from reddiff.operators.base import ThroughDecoder
 
-        sampler = build_sampler(name, steps, meta)
+        sampler = build_sampler(name, steps, meta, dry=self.a.dry_run)
         op = ThroughDecoder(self.op, prior.decode, prior.encode) if hasattr(prior, "decode") else self.op
         prior.reset_nfe()
         t0 = time.perf_counter()
