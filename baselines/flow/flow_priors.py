@@ -40,8 +40,8 @@ class FlowPriors(Sampler):
     needs_grad = True
     per_item = ("lmbda", "eta")
     # tuned on the GMM tuning seed (docs/SAMPLERS.md "Flow-Priors": grid and scores)
-    gmm_hparams = {"lmbda": 1000.0, "eta": 0.01}
-    gmm_tune_grid = {"lmbda": [10.0, 100.0, 1000.0, 10000.0], "eta": [0.01, 0.1]}
+    gmm_hparams = {"lmbda": 1000.0, "eta": 1.0}
+    gmm_tune_grid = {"lmbda": [10.0, 100.0, 1000.0], "eta": [0.1, 0.3, 1.0]}
     # unverified: our ranges around the official per-task values (lmbda 100..1e4, eta 0.01..0.1)
     tune_space = {"lmbda": "tag(log, interval(10.0, 100000.0))", "eta": "tag(log, interval(0.001, 0.3))"}
     test_overrides = {"inner_steps": 1}

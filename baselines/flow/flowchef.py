@@ -37,8 +37,8 @@ class FlowChef(Sampler):
     needs_grad = False
     per_item = ("gradient_scale",)
     # tuned on the GMM tuning seed (docs/SAMPLERS.md "FlowChef": grid and scores)
-    gmm_hparams = {"gradient_scale": 1.0}
-    gmm_tune_grid = {"gradient_scale": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 500.0]}
+    gmm_hparams = {"gradient_scale": 0.5}
+    gmm_tune_grid = {"gradient_scale": [0.1, 0.2, 0.3, 0.5, 1.0, 3.0, 10.0, 100.0, 500.0]}
     # unverified: our range, 100x below to 4x above the official 500
     tune_space = {"gradient_scale": "tag(log, interval(5.0, 2000.0))"}
     test_overrides = {"gradient_scale": 0.1}
