@@ -31,6 +31,13 @@ def max_time(prior) -> float:
     return s / (1.0 + s)
 
 
+def min_time(prior) -> float:
+    """The smallest flow time queried: ``sigma_min / (1 + sigma_min)`` with ``sigma_min = Schedule.sigmas[0]``
+    (0.0099 on the DDPM schedule); at ``t = 0`` the velocity ``(x - D) / t`` is not defined for a denoiser."""
+    s = float(prior.schedule.sigmas[0])
+    return s / (1.0 + s)
+
+
 def data_loss(x: torch.Tensor, y: torch.Tensor, operator, reduce: str = "sum") -> torch.Tensor:
     """Per-item ``||H(x) - y||^2`` (``reduce="sum"``) or its mean over the measurement's elements (``"mean"``),
     shape ``(B,)``; differentiable, so nonlinear operators work."""
