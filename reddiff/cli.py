@@ -27,6 +27,10 @@ def _status(data_only: bool, as_json: bool) -> int:
     from reddiff.core.weights import REGISTRY, status_rows
 
     rows = [r for r in status_rows() if _is_data(REGISTRY[r["name"]]) == data_only or not data_only]
+    if not data_only:  # model folders (latent diffusion models): placed by hand, never fetched
+        from reddiff.core.folders import status_rows as folder_rows
+
+        rows += folder_rows()
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -34,15 +38,21 @@ def _status(data_only: bool, as_json: bool) -> int:
     ws = max(len(r["state"]) for r in rows)
     for r in rows:
         print(f"{r['name']:{w}s}  {r['state']:{ws}s}  {r['path']}  [{r['used_by']}]")
-    n_missing = sum(r["state"] == "missing" for r in rows)
+    n_missing = sum(not r["state"].startswith("present") for r in rows)
     print(f"\n{len(rows) - n_missing} present, {n_missing} missing"
           + ("; get one with: reddiff " + ("data" if data_only else "weights") + " fetch NAME" if n_missing else ""))
     return 0
 
 
 def _fetch(name: str, dest: Optional[str], data_only: bool) -> int:
+    from reddiff.core.folders import FOLDERS
     from reddiff.core.weights import REGISTRY, HashMismatchError, fetch
 
+    if name in FOLDERS and not data_only:  # a model folder: placed by hand; say where and what
+        spec = FOLDERS[name]
+        print(f"{name} already present at {spec.path()}" if not spec.missing() else spec.missing_message(),
+              file=sys.stdout if not spec.missing() else sys.stderr)
+        return 0 if not spec.missing() else 1
     if name not in REGISTRY:
         print(f"unknown name {name!r}; known: {', '.join(sorted(REGISTRY))}", file=sys.stderr)
         return 2

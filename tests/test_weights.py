@@ -32,7 +32,9 @@ def offline_caches(tmp_path, monkeypatch):
 def test_status_lists_every_entry_offline(offline_caches, capsys):
     assert cli.main(["weights", "status", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == list(REGISTRY)
+    from reddiff.core.folders import FOLDERS
+
+    assert [r["name"] for r in rows] == list(REGISTRY) + list(FOLDERS)  # files, then model folders
     for r in rows:
         assert r["state"] == "missing" or r["state"].startswith("present"), r
         assert r["path"]

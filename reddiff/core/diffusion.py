@@ -14,13 +14,27 @@ ORDERINGS = ("descending", "ascending", "random")
 
 
 class Schedule:
-    """Linear-beta VP schedule. ``alpha_bar`` is kept in float64 and cast on use."""
+    """VP schedule: linear betas by default, any beta table through :meth:`from_betas`. ``alpha_bar`` is kept in
+    float64 and cast on use."""
 
     def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         if T <= 0:
             raise ValueError(f"T must be positive, got {T}")
-        self.T = int(T)
-        self.betas = torch.linspace(beta_start, beta_end, self.T, dtype=torch.float64)
+        self._set(torch.linspace(beta_start, beta_end, int(T), dtype=torch.float64))
+
+    @classmethod
+    def from_betas(cls, betas) -> "Schedule":
+        """A schedule from any ``(T,)`` beta table (a latent model's scheduler config: ``scaled_linear`` ...)."""
+        betas = torch.as_tensor(betas, dtype=torch.float64).reshape(-1)
+        if betas.numel() == 0 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a non-empty table of values in (0, 1)")
+        s = cls.__new__(cls)
+        s._set(betas)
+        return s
+
+    def _set(self, betas: torch.Tensor) -> None:
+        self.T = int(betas.numel())
+        self.betas = betas
         self.alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)
         # index 0 of the padded table is t = -1 (alpha_bar = 1)
         self._padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar])

@@ -150,3 +150,24 @@ class SVDOperator(LinearOperator):
         s = self.singulars().to(y)
         s_inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-30), torch.zeros_like(s))
         return self.V(self._spectral_mul(self.Ut(y), s_inv, self.x_numel()))
+
+
+class ThroughDecoder(Operator):
+    """The data term of a latent prior, ``z -> A(D(z))``: a sampler working on latents ``z`` sees this operator
+    while the harness measures and scores the pixels ``D(z)`` with ``A`` itself.  ``pinv(y) = E(A^+ y)`` (the
+    initialisation of the pixel operator, encoded).  Nonlinear (``D`` is): samplers that need an adjoint or an SVD
+    are refused on it by :meth:`Operator.require`; its gradient is the decoder's chain rule."""
+
+    def __init__(self, operator: Operator, decode, encode):
+        super().__init__(operator.sigma_y, operator.value_range)
+        self.pixel, self.decode, self.encode = operator, decode, encode
+        self.name = f"{operator.name} through the decoder"
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.pixel.forward(self.decode(z))
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.pixel.pinv(y))
+
+    def visualize(self, y: torch.Tensor) -> torch.Tensor:
+        return self.pixel.visualize(y)

@@ -28,7 +28,7 @@ from reddiff.core.errors import ResolutionMismatchError, UserError
 from reddiff.store.formatting import fmt_metric, one_line  # noqa: F401 - re-exported
 from reddiff.store.images import save_png, to_uint8, write_grid, write_job_grid  # noqa: F401 - re-exported
 from reddiff.store.jobdir import InputsLog, JobLock, bind, fingerprint
-from reddiff.operators.base import OperatorCapabilityError
+from reddiff.operators.base import OperatorCapabilityError, ThroughDecoder
 from reddiff.store.provenance import git_commit, hydra_info, job_identity, peak_rss_mb, versions  # noqa: F401
 from reddiff.store.results import ResultStore, atomic_write_text
 from reddiff.core.rng import BatchRNG
@@ -93,7 +93,7 @@ def wandb_group(cfg: DictConfig) -> str | None:
 
 def prepare_data(cfg: DictConfig, prior, ident: dict, resolved: dict):
     """The data set, at the prior's resolution unless ``data.resolution`` is set; refuses an empty selection."""
-    prior_res = int(tuple(prior.shape)[-1])
+    prior_res = int(tuple(getattr(prior, "pixel_shape", prior.shape))[-1])
     kw = {} if cfg.data.get("resolution") is not None else {"resolution": prior_res}
     dataset = build(cfg.data, f"data={ident['data']}", **kw)
     if int(dataset.resolution) != prior_res:
@@ -115,8 +115,8 @@ def weights_record(prior) -> tuple[dict, str | None]:
 
     path = getattr(prior, "path", None)
     files = dict(W.LOADED)
-    if path is None:
-        return files, None
+    if path is None:  # a model folder (latent priors) states one digest of its files
+        return files, getattr(prior, "weights_sha256", None)
     return files, W.sha256sum(Path(path))
 
 
@@ -189,6 +189,12 @@ def _run(cfg: DictConfig, job_dir: Path) -> dict:
         sampler.check_prior(prior)
     except ValueError as e:
         raise UserError(f"sampler={ident['sampler']}: {e}") from e
+    latent = hasattr(prior, "decode")  # a latent prior: the sampler sees A(D(z)); pixels D(z) are scored
+    seen = ThroughDecoder(operator, prior.decode, prior.encode) if latent else operator
+    try:
+        sampler.check(seen)
+    except OperatorCapabilityError as e:
+        return not_applicable(job_dir, base, resolved, cfg, f"{e} (a latent prior: the sampler sees A(D(z)))")
     dataset = prepare_data(cfg, prior, ident, resolved)
     suite = build(cfg.metrics, "metrics")
     base["weights"], sha = weights_record(prior)
@@ -208,7 +214,10 @@ def _run(cfg: DictConfig, job_dir: Path) -> dict:
 
     def restore(y, indices, monitor, callback):
         monitor.begin(0, y.shape[0])
-        x_hat = sampler.sample(y, operator, prior, BatchRNG.for_images(cfg.seed, indices, device), callback=callback)
+        x_hat = sampler.sample(y, seen, prior, BatchRNG.for_images(cfg.seed, indices, device), callback=callback)
+        if latent:
+            with torch.no_grad():
+                x_hat = prior.decode(x_hat)
         return [x_hat], prior.nfe
 
     t_job = time.time()
