@@ -1,5 +1,5 @@
-"""D-Flow: differentiating through the flow to optimise its initial noise (Ben-Hamu, Puny, Gat, Karrer, Singer,
-Lipman, ICML 2024, arXiv 2402.14017), as in annegnx/PnP-Flow ``pnpflow/methods/d_flow.py`` @ee5b159.
+"""D-Flow: differentiating through the flow to optimise its initial noise (Ben-Hamu et al., ICML 2024,
+arXiv 2402.14017), as in annegnx/PnP-Flow ``pnpflow/methods/d_flow.py`` @ee5b159.
 
 In the official time ``s = 1 - t`` (noise at ``s = 0``; velocity ``u = -v``), ``F(z)`` is the midpoint solve of
 ``dx/ds = u`` over ``steps_euler - 1`` equal steps from ``s = 0`` to 1 (two network calls a step).  From
