@@ -14,7 +14,6 @@ Official code: annegnx/PnP-Flow ``pnpflow/methods/flow_priors.py``, ``pnpflow/ut
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -112,5 +111,5 @@ class FlowPriors(Sampler):
             with torch.no_grad():
                 x = x + ds * self._u(prior, x, s)
             if callback is not None and self.should_log(i, len(ss) - 1):
-                callback(i, {"s": s, "residual": math.nan})
+                callback(i, {"s": s, "x": x})
         return x.detach()
