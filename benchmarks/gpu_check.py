@@ -234,7 +234,7 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
             self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
             self.C = cfg.in_channels
 
-        def _eps(self, x_t, t):
+        def _eps_time(self, x_t, t):   # real t too (denoise off the grid: the flow solvers), integer t bit-identical
             return self.net(x_t, t.to(x_t.device))[:, : self.C]
 
     base = RandomADM()
@@ -249,7 +249,16 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
             raise oom_error_class()(f"simulated OOM: batch {prior.probe_batch} > --dry-oom-batch {prior.oom_above}")
         return inner_eps(x_t, t)
 
+    inner_denoise = prior.denoise
+
+    def denoise(x_e, sigma, dialect=None):
+        deadline.check()
+        if prior.oom_above is not None and prior.probe_batch > prior.oom_above:
+            raise oom_error_class()(f"simulated OOM: batch {prior.probe_batch} > --dry-oom-batch {prior.oom_above}")
+        return inner_denoise(x_e, sigma, dialect)
+
     prior.eps = eps
+    prior.denoise = denoise
     prior.n_params = sum(p.numel() for p in base.net.parameters())
     return prior
 

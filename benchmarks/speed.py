@@ -169,7 +169,7 @@ def _random_unet_prior_class():
             self.name = which
             self.C = cfg.in_channels
 
-        def _eps(self, x_t, t):
+        def _eps_time(self, x_t, t):   # real t too (denoise off the grid), integer t bit-identical
             return self.net(x_t, t.to(x_t.device))[:, : self.C]
 
     return _RandomUNetPrior

@@ -65,7 +65,7 @@ def test_flow_priors_reaches_the_gaussian_map():
     ("flow_priors", {"lmbda": float("nan")}, "lmbda"),
     ("flow_priors", {"inner_steps": 0}, "inner_steps"),
     ("d_flow", {"alpha": 2.0}, "alpha"),
-    ("d_flow", {"steps": 1}, "steps"),
+    ("d_flow", {"steps": 0}, "steps"),
 ])
 def test_bad_settings_refused_in_one_line(name, kw, match):
     with pytest.raises(ValueError, match=match) as e:
