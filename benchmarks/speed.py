@@ -279,33 +279,37 @@ class StepClock:
     alike: ``wall / network_s`` isolates the sampler's own cost on a busy machine."""
 
     def __init__(self, prior):
-        self.prior, self.stamps, self._orig = prior, [], prior.eps
+        self.prior, self.stamps = prior, []
+        self._orig = {"eps": prior.eps, "denoise": prior.denoise}   # denoise: samplers off the grid (flow)
         self.forward_s = 0.0
         self.backward_s = 0.0
 
-        def eps(x_t, t):
-            t0 = time.perf_counter()
-            self.stamps.append(t0)
-            out = self._orig(x_t, t)
-            self.forward_s += time.perf_counter() - t0
-            if out.requires_grad and x_t.requires_grad:
-                mark = {}
+        def timed(fn):
+            def call(x_t, *args, **kw):
+                t0 = time.perf_counter()
+                self.stamps.append(t0)
+                out = fn(x_t, *args, **kw)
+                self.forward_s += time.perf_counter() - t0
+                if out.requires_grad and x_t.requires_grad:
+                    mark = {}
 
-                def start(g):
-                    mark["t"] = time.perf_counter()
+                    def start(g):
+                        mark["t"] = time.perf_counter()
 
-                def end(g):
-                    if "t" in mark:
-                        self.backward_s += time.perf_counter() - mark.pop("t")
+                    def end(g):
+                        if "t" in mark:
+                            self.backward_s += time.perf_counter() - mark.pop("t")
 
-                out.register_hook(start)
-                x_t.register_hook(end)
-            return out
+                    out.register_hook(start)
+                    x_t.register_hook(end)
+                return out
+            return call
 
-        prior.eps = eps
+        prior.eps = timed(self._orig["eps"])
+        prior.denoise = timed(self._orig["denoise"])
 
     def close(self):
-        self.prior.eps = self._orig
+        self.prior.eps, self.prior.denoise = self._orig["eps"], self._orig["denoise"]
 
     @property
     def network_s(self) -> float:
