@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench tables results tune claims clean-venv gpu-wheels gpu-check gpu-check-dry
+.PHONY: setup demo test test-fast bench exact tables results tune claims clean-venv gpu-wheels gpu-check gpu-check-dry
 
 DEMO_PRESETS := demo_table1 demo_sr4 demo_inpaint_box demo_weighting demo_order demo_steps
 
@@ -29,6 +29,10 @@ test-fast: setup
 bench: setup  ## regenerate results/speed.md and results/gmm_posterior.md
 	$(PY) -m benchmarks.speed --json results/speed.json
 	$(PY) -m benchmarks.gmm_posterior --json results/gmm_posterior.json --md results/gmm_posterior.md --plot results/gmm_posterior_2d.png --workers 2
+
+exact: setup  ## every sampler on every SVD task against the exact image-scale mixture posterior, then the budget curve and RED-diff ablations (docs/EXACT_IMAGES.md)
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.exact_images --json results/exact_images.json --md results/exact_images.md --figure results/exact_images.png
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.exact_images_curve --json results/exact_images_curve.json --md results/exact_images_curve.md --plot results/exact_images_curve.png
 
 # GPU check (docs/GPU_CHECK.md). gpu-check runs on the GPU machine with its own python (no .venv there):
 # make gpu-check GPU_PY=python3.  gpu-wheels (here, with internet) fills gpu_wheels/ for it to carry.

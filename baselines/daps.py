@@ -184,7 +184,7 @@ class DAPS(Sampler):
     """
 
     name = "daps"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     needs_grad = False
     per_item = ("lr", "tau")
     # GMM settings: exact inner draw, Tweedie x0_hat (1 NFE per level), the operator's own likelihood (tau=None);

@@ -80,7 +80,7 @@ class DiffPIR(Sampler):
     """
 
     name = "diffpir"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     # tuned on the GMM tuning seed (2026-12-01): python -m benchmarks.gmm_posterior --tune --samplers diffpir
     #   --dims 8,80 --dims-y 1,4 --problems 3 --samples 500 -> lam 1, zeta 1 (score 0.523; lam 0.25/4: 0.540/0.541)
     gmm_hparams = {"lam": 1.0, "zeta": 1.0, "clip_x0": False}

@@ -45,7 +45,7 @@ class DPS(DDIMFamily):
     """
 
     name = "dps"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     needs_grad = True
     per_item = ("zeta",)
     gmm_hparams = {"zeta": 0.3, "eta": 1.0}                     # tuned on the GMM tuning seed (results/gmm_posterior.md)

@@ -67,7 +67,7 @@ class PiGDM(DDIMFamily):
     """
 
     name = "pigdm"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     needs_grad = True
     per_item = ("guidance_weight",)
     gmm_hparams = {"guidance_weight": 0.25, "eta": 1.0, "form": "score"}   # GMM tuning seed (results/gmm_posterior.md)

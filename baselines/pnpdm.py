@@ -71,7 +71,7 @@ class PnPDM(Sampler):
     """
 
     name = "pnpdm"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     needs_grad = False
     per_item: tuple = ()
     # GMM settings: exact likelihood step; rho from the top of the schedule (150: the prior's spread along the
@@ -117,7 +117,7 @@ class PnPDM(Sampler):
         if likelihood not in ("auto", "exact", "langevin"):
             raise ValueError(f"pnpdm: likelihood must be 'auto', 'exact' or 'langevin', got {likelihood!r}")
         self.likelihood = likelihood
-        self.requires = ("svd",) if likelihood == "exact" else ()
+        self.requires = ("svd",) if likelihood == "exact" else ("grad",)
         if isinstance(langevin_steps, bool) or not isinstance(langevin_steps, int) or langevin_steps < 0:
             raise ValueError(f"pnpdm: langevin_steps must be an integer >= 0, got {langevin_steps!r}")
         self.langevin_steps = langevin_steps

@@ -55,9 +55,11 @@ REFERENCES = ("exact", "prior")
 TUNE_SEED = 1_000_003
 
 
-def gmm_samplers() -> list[str]:
-    """The samplers of the registry that declare GMM settings (``Sampler.gmm_hparams``); others run only by name."""
-    return [n for n in registry.sampler_names() if registry.sampler_class(n).gmm_hparams is not None]
+def gmm_samplers(latent: bool = False) -> list[str]:
+    """The samplers of the registry that declare GMM settings (``Sampler.gmm_hparams``); others run only by name.
+    ``latent``: those defined on latent priors (``needs_latent``), for ``--latent``; otherwise the others."""
+    return [n for n in registry.sampler_names() if registry.sampler_class(n).gmm_hparams is not None
+            and bool(getattr(registry.sampler_class(n), "needs_latent", False)) == latent]
 
 
 def hparams(name: str) -> dict:
@@ -217,6 +219,21 @@ def make_problem(d: int, d_y: int, seed: int, index: int, schedule: Schedule, di
     return prior, pb, post
 
 
+def latent_view(prior: GaussianMixturePrior, pb: GMMProblem, g: torch.Generator):
+    """``--latent``: the same problem behind a linear decoder.  The mixture becomes a latent prior with
+    ``D(z) = W z`` (``W``: ``(2d, d)``, orthonormal columns from ``g``; ``E = W^T``) and the pixel operator is
+    ``A W^T``, so ``A_pix D(z) = A z``: the measurement, the exact (latent) posterior, the floor and the prior
+    reference are those of the pixel problem, and a latent sampler's ``z`` is scored like a pixel sampler's ``x``."""
+    from reddiff.operators.base import ThroughDecoder
+    from reddiff.operators.matrix import MatrixOperator
+    from reddiff.priors.latent import LinearDecoderGMM
+
+    d = prior.d
+    W = torch.linalg.qr(torch.randn(2 * d, d, generator=g, dtype=torch.float64)).Q
+    lat = LinearDecoderGMM(prior.means, W, prior.weights, schedule=prior.schedule, dialect=prior.dialect)
+    return lat, ThroughDecoder(MatrixOperator(pb.A @ W.T, sigma_y=pb.sigma_y), lat.decode, lat.encode)
+
+
 def _summary(values: Sequence[float]) -> dict:
     v = np.asarray(values, dtype=np.float64)
     if not np.isfinite(v).all():
@@ -237,8 +254,9 @@ def nearest_mode(prior: GaussianMixturePrior, X: torch.Tensor) -> tuple[torch.Te
 
 def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int, samplers: Sequence[str],
                 n_dirs: int = 1000, keep: bool = False, threads: int = 1, overrides: dict | None = None,
-                dialect: str = "vp_discrete") -> dict:
+                dialect: str = "vp_discrete", latent: bool = False) -> dict:
     """Every method on problem ``p`` of cell ``(d, d_y)``; deterministic in ``(seed, d, d_y, p)`` alone.
+    ``latent``: the samplers run on :func:`latent_view` of the problem (same scores' meaning).
 
     Per method: ``sw``/``sw2`` against ``samples`` exact-posterior samples (1000 directions shared by the methods),
     ``seconds`` (wall time of the sampler call), and two diagnostics on the nearest prior mode of each sample:
@@ -255,6 +273,7 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     schedule = Schedule()
     prior, pb, post = make_problem(d, d_y, seed, p, schedule, dialect)
     op = problem_operator(pb)
+    run_prior, run_op = latent_view(prior, pb, _gen(seed, d, d_y, p, 4)) if latent else (prior, op)
     g_ref = _gen(seed, d, d_y, p, 1)
     theta = random_directions(n_dirs, d, g_ref)
     ref = post.sample(samples, g_ref)
@@ -297,7 +316,7 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
         sampler = build_sampler(name, steps, **(overrides or {}).get(name, {}))
         rng = BatchRNG(_seed(seed, d, d_y, p, sampler_stream(name)), per_item=False)
         t0 = time.perf_counter()
-        X = sampler.sample(y, op, prior, rng)
+        X = sampler.sample(y, run_op, run_prior, rng)
         score(name, X, time.perf_counter() - t0)
     if keep:
         kept["reference"] = ref
@@ -333,7 +352,8 @@ def aggregate(per_problem: list[dict]) -> dict:
 
 def run_all(dims: Sequence[int], dims_y: Sequence[int], *, problems: int, samples: int, steps: int, seed: int,
             samplers: Sequence[str], workers: int = 1, plot_cell: Sequence[int] | None = None,
-            overrides: dict | None = None, log: Callable = print, dialect: str = "vp_discrete") -> tuple[dict, dict, dict]:
+            overrides: dict | None = None, log: Callable = print, dialect: str = "vp_discrete",
+            latent: bool = False) -> tuple[dict, dict, dict]:
     """All cells; returns (results[str(d)][str(d_y)], per-problem records, kept samples of the plotted problem).
 
     With ``workers > 1`` the problems run in separate processes (one torch thread each); every problem is seeded
@@ -341,7 +361,7 @@ def run_all(dims: Sequence[int], dims_y: Sequence[int], *, problems: int, sample
     """
     tasks = [(d, dy, p) for d in dims for dy in dims_y for p in range(problems)]
     kw = dict(samples=samples, steps=steps, seed=seed, samplers=list(samplers), overrides=overrides or {},
-              dialect=dialect)
+              dialect=dialect, latent=latent)
     keep_of = lambda d, dy, p: plot_cell is not None and [d, dy] == list(plot_cell) and p == 0
     done: dict = {}
     t_start = time.perf_counter()
@@ -590,7 +610,7 @@ def _run_configs(name: str, configs: list[dict], y: torch.Tensor, n: int, op, pr
 
 
 def tune(names: Sequence[str], *, dims: Sequence[int], dims_y: Sequence[int], problems: int, samples: int,
-         ref_samples: int, steps: int, seed: int = TUNE_SEED, log: Callable = print) -> dict:
+         ref_samples: int, steps: int, seed: int = TUNE_SEED, log: Callable = print, latent: bool = False) -> dict:
     """Grid search per sampler on problems from ``seed`` (separate from the reported ones).
 
     Score of a configuration: the mean over cells of ``mean SW / mean SW(prior)``.  Every configuration of a
@@ -614,12 +634,13 @@ def tune(names: Sequence[str], *, dims: Sequence[int], dims_y: Sequence[int], pr
             for p in range(problems):
                 prior, pb, post = make_problem(d, dy, seed, p, schedule)
                 op = problem_operator(pb)
+                run_prior, run_op = latent_view(prior, pb, _gen(seed, d, dy, p, 4)) if latent else (prior, op)
                 g = _gen(seed, d, dy, p, 1)
                 theta = random_directions(1000, d, g)
                 ref_sorted = _sorted_projections(post.sample(ref_samples, g), theta)
                 sw_prior[p] = sliced_wasserstein_sorted(
                     _sorted_projections(prior.sample(samples, _gen(seed, d, dy, p, 3)), theta), ref_sorted)[0]
-                X = _run_configs(name, configs, pb.y.to(torch.float32)[None, :], samples, op, prior, steps,
+                X = _run_configs(name, configs, pb.y.to(torch.float32)[None, :], samples, run_op, run_prior, steps,
                                  _seed(seed, d, dy, p, sampler_stream(name)))
                 for k in range(len(configs)):
                     sw[k, p] = (sliced_wasserstein_sorted(_sorted_projections(X[:, k], theta), ref_sorted)[0]
@@ -698,6 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plot-cell", type=_ints, default=[80, 1], help="d,d_y of the plotted problem")
     ap.add_argument("--dialect", default="vp_discrete", choices=list(DIALECTS),
                     help="the prior's view (reddiff/priors/dialects.py); the exact GMM denoiser is the same in each")
+    ap.add_argument("--latent", action="store_true",
+                    help="the latent solvers (needs_latent) on the same problems behind a linear decoder D(z) = W z "
+                         "(W: 2d x d); default dims 8,80 (at d = 800 the dense decoder dominates)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--workers", type=int, default=1, help="processes running problems in parallel (default 1)")
     ap.add_argument("--tune", action="store_true", help="grid-search the hyperparameters on the tuning seed instead")
@@ -705,7 +729,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     keep_freed_heap()
-    samplers = gmm_samplers() if args.samplers is None else [s for s in args.samplers.split(",") if s]
+    if args.latent and "--dims" not in " ".join(sys.argv[1:] if argv is None else argv):
+        args.dims = [8, 80]
+    samplers = gmm_samplers(args.latent) if args.samplers is None else [s for s in args.samplers.split(",") if s]
     for s in samplers:
         if s not in registry.sampler_names():
             ap.error(f"unknown sampler {s!r}; valid: {', '.join(registry.sampler_names())}")
@@ -756,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.tune:
         tuned = tune(samplers, dims=args.dims, dims_y=args.dims_y, problems=args.problems, samples=args.samples,
-                     ref_samples=2000, steps=args.steps, seed=TUNE_SEED + args.seed)
+                     ref_samples=2000, steps=args.steps, seed=TUNE_SEED + args.seed, latent=args.latent)
         meta = {"command": command, "date": date, "wall_seconds": time.perf_counter() - t_all, "dims": args.dims,
                 "dims_y": args.dims_y, "problems": args.problems, "samples": args.samples, "ref_samples": 2000,
                 "seed": TUNE_SEED + args.seed}
@@ -773,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, per_problem, kept = run_all(args.dims, args.dims_y, problems=args.problems, samples=args.samples,
                                          steps=args.steps, seed=args.seed, samplers=samplers, workers=args.workers,
                                          plot_cell=args.plot_cell if args.plot else None, overrides=overrides,
-                                         dialect=args.dialect)
+                                         dialect=args.dialect, latent=args.latent)
     wall = time.perf_counter() - t_all
     res = {
         "meta": {"command": command, "date": date, "wall_seconds": wall, "dims": args.dims, "dims_y": args.dims_y,
@@ -789,6 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.dialect != "vp_discrete":  # absent for the default: the files made before dialects stay comparable
         res["meta"]["dialect"] = args.dialect
+    if args.latent:
+        res["meta"]["latent"] = "linear decoder W (2d x d, orthonormal columns), pixel operator A W^T"
     table = markdown_table(res)
     print(table)
     print(f"wall time {wall:.0f} s")

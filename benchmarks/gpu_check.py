@@ -78,6 +78,14 @@ PAPER = {
 #: the dry run's network: the ADM architecture (attention, up/down residual blocks, learn_sigma) at toy size
 DRY_RUN_UNET = dict(image_size=16, model_channels=32, out_channels=6, num_res_blocks=1, attention_resolutions=(8,),
                     channel_mult=(1, 2), num_head_channels=16, learn_sigma=True)
+#: the latent model of the latent solvers (``needs_latent``), random weights: Stable Diffusion 1.5's UNet (diffusers'
+#: ``UNet2DConditionModel`` defaults are SD 1.x's; cross-attention 768, 64x64x4 latents) and autoencoder (f8, 512 px);
+#: the dry run's is :func:`reddiff.priors.latent.make_tiny`'s conditional configuration
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                  "beta_end": 0.012, "prediction_type": "epsilon"}
 #: used only if the registry cannot be imported: samplers that backpropagate through the network (speed.py SAMPLERS)
 FALLBACK_NEEDS_GRAD = {"dps", "pigdm"}
 
@@ -150,7 +158,7 @@ def discover_samplers() -> tuple[list[str], str]:
     try:
         from reddiff import registry
 
-        return list(registry.sampler_names()), "reddiff.registry"
+        return list(registry.sampler_names()), "reddiff.registry"  # latent solvers: on the latent model
     except Exception as e:  # noqa: BLE001 - fall back to the YAML files
         return sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml")), f"conf/sampler glob ({e})"
 
@@ -186,7 +194,8 @@ def sampler_meta(name: str) -> dict:
         limit = 1.10 if needs_grad else 1.05
     has_steps = "steps" in inspect.signature(cls.__init__).parameters
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "needs_grad": needs_grad, "limit": limit,
-            "kind": "fwd_bwd" if needs_grad else "no_grad", "has_steps": has_steps}
+            "kind": "fwd_bwd" if needs_grad else "no_grad", "has_steps": has_steps,
+            "needs_latent": bool(getattr(cls, "needs_latent", False))}
 
 
 def build_sampler(name: str, steps: int, meta: dict):
@@ -234,7 +243,7 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
             self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
             self.C = cfg.in_channels
 
-        def _eps_time(self, x_t, t):   # real t too (denoise off the grid: the flow solvers), integer t bit-identical
+        def _eps_time(self, x_t, t):  # a real time input too: samplers written on sigma call prior.denoise
             return self.net(x_t, t.to(x_t.device))[:, : self.C]
 
     base = RandomADM()
@@ -249,17 +258,37 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
             raise oom_error_class()(f"simulated OOM: batch {prior.probe_batch} > --dry-oom-batch {prior.oom_above}")
         return inner_eps(x_t, t)
 
-    inner_denoise = prior.denoise
+    prior.eps = eps
+    prior.n_params = sum(p.numel() for p in base.net.parameters())
+    return prior
 
-    def denoise(x_e, sigma, dialect=None):
+
+def make_latent_prior(dry: bool, device, deadline, seed: int = 0):
+    """The latent solvers' prior: SD 1.5's UNet and autoencoder with random weights (the dry run: the tiny
+    conditional model), the empty prompt a random embedding; every ``eps`` call checks the deadline."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from reddiff.priors.latent import LatentPrior, make_tiny
+
+    torch.manual_seed(seed)
+    if dry:
+        root = make_tiny(Path(tempfile.mkdtemp(prefix="gpu_check_latent_")), seed=seed, conditional=True)
+        prior = LatentPrior(str(root), device=device)
+    else:
+        with torch.device(device):
+            ae, net = AutoencoderKL(**SD15_VAE), UNet2DConditionModel(**SD15_UNET)
+        prior = LatentPrior.from_modules(ae, net, SD15_SCHEDULER, cond=torch.randn(1, 77, 768), device=device)
+    inner_eps = prior.eps
+
+    def eps(x_t, t):
         deadline.check()
-        if prior.oom_above is not None and prior.probe_batch > prior.oom_above:
-            raise oom_error_class()(f"simulated OOM: batch {prior.probe_batch} > --dry-oom-batch {prior.oom_above}")
-        return inner_denoise(x_e, sigma, dialect)
+        return inner_eps(x_t, t)
 
     prior.eps = eps
-    prior.denoise = denoise
-    prior.n_params = sum(p.numel() for p in base.net.parameters())
+    prior.n_params = sum(p.numel() for p in prior.parameters())
     return prior
 
 
@@ -315,7 +344,8 @@ class Bench:
         from reddiff.core.rng import BatchRNG
 
         g = torch.Generator().manual_seed(batch)
-        x = (torch.rand((batch,) + tuple(prior.shape), generator=g) * 2 - 1).to(self.device)
+        shape = tuple(getattr(prior, "pixel_shape", prior.shape))  # a latent prior's data are its pixels
+        x = (torch.rand((batch,) + shape, generator=g) * 2 - 1).to(self.device)
         idx = list(range(batch))
         self.op.setup(idx, tuple(x.shape), self.device, x.dtype)
         return self.op.measure(x, BatchRNG.for_images(1_000_003, idx, self.device)), idx
@@ -325,11 +355,16 @@ class Bench:
 
         from reddiff.core.rng import BatchRNG
 
+        from reddiff.operators.base import ThroughDecoder
+
         sampler = build_sampler(name, steps, meta)
+        op = ThroughDecoder(self.op, prior.decode, prior.encode) if hasattr(prior, "decode") else self.op
         prior.reset_nfe()
         t0 = time.perf_counter()
-        out = sampler.sample(y, self.op, prior, BatchRNG.for_images(0, idx, self.device))
+        out = sampler.sample(y, op, prior, BatchRNG.for_images(0, idx, self.device))
         self.sync()
+        #: a latent prior's decoder and encoder calls in that run
+        self.coder_calls = (getattr(prior, "decoder_calls", 0), getattr(prior, "encoder_calls", 0))
         return time.perf_counter() - t0, prior.nfe, bool(torch.isfinite(out).all())
 
     def bare(self, prior, batch, kind, calls, warmup=2):
@@ -376,9 +411,42 @@ class Bench:
             return {**r, "s_per_call_per_image": None, "forward_ms": None, "wall_over_forward": None,
                     "pass": None, "note": "no network call (0 NFE)"}
         fwd = statistics.median(self.bare(prior, batch, meta["kind"], a.forward_repeats))
-        ratio = wall / (nfe * fwd)
+        bare = nfe * fwd
+        if hasattr(prior, "decode"):  # a latent solver: its decoder and encoder calls count beside the network's
+            dec, enc = self.coder_calls
+            # with a vector-Jacobian product: every latent solver differentiates its data term through them
+            t_dec, t_enc = (statistics.median(self.bare_coder(prior, batch, "fwd_bwd", which, a.forward_repeats))
+                            for which in ("decode", "encode"))
+            bare += dec * t_dec + enc * t_enc
+            r.update({"decoder_calls": dec, "encoder_calls": enc, "decode_ms": t_dec * 1e3, "encode_ms": t_enc * 1e3})
+        ratio = wall / bare
         return {**r, "s_per_call_per_image": wall / (nfe * batch), "forward_ms": fwd * 1e3,
                 "wall_over_forward": ratio, "pass": ratio <= meta["limit"]}
+
+    def bare_coder(self, prior, batch, kind, which, calls):
+        """Wall times of ``calls`` bare decoder (``which="decode"``) or encoder calls, as a latent solver makes them:
+        no_grad, or with a vector-Jacobian product to the input when the solver differentiates (``fwd_bwd``)."""
+        import torch
+
+        shape = tuple(prior.shape if which == "decode" else prior.pixel_shape)
+        x = torch.randn((batch,) + shape, device=self.device)
+        fn = getattr(prior, which)
+        times = []
+        for i in range(calls + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            if kind == "no_grad":
+                with torch.no_grad():
+                    fn(x)
+            else:
+                with torch.enable_grad():
+                    xg = x.detach().requires_grad_(True)
+                    out = fn(xg)
+                    torch.autograd.grad(out, xg, grad_outputs=torch.ones_like(out))
+            self.sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        prior.reset_nfe()
+        return times
 
     def memory(self, prior, batch) -> dict:
         """RED-diff's peak against a bare no_grad loop of as many forward calls at the same batch."""
@@ -570,6 +638,11 @@ def measure(a, command: str) -> dict:
             gc.freeze()  # later collections skip everything built so far (modules, weights): 0.3 s -> ms
         return priors[dt]
 
+    def latent_prior():
+        if "latent" not in priors:
+            priors["latent"] = make_latent_prior(a.dry_run, device, deadline)
+        return priors["latent"]
+
     budget_frac = None
     if bench.cuda:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -588,6 +661,9 @@ def measure(a, command: str) -> dict:
                 meta, sname = metas[n], n
                 if not meta["has_steps"]:
                     per[n] = {"n/a": "no network call (0 NFE)"}
+                    continue
+                if meta.get("needs_latent"):
+                    per[n] = {"n/a": "a latent solver: timed on the latent model, no max-batch search"}
                     continue
             # a full box while the others can still get 8 s each, never less than a fair share of what is left
             spare = deadline.left() - a.reserve_s
@@ -617,7 +693,8 @@ def measure(a, command: str) -> dict:
 
     # phases in order of priority: timings (+ RED-diff memory) per dtype, max batch of the first dtype, the CUDA
     # tests, max batch of the other dtypes
-    by_priority = sorted(names, key=lambda n: (n not in PAPER, names.index(n)))  # the paper's samplers first
+    # the paper's samplers first, the latent solvers last (on the latent model, fp32 only)
+    by_priority = sorted(names, key=lambda n: (bool(metas[n].get("needs_latent")), n not in PAPER, names.index(n)))
     for dt in a.dtypes:
         per = res["timing"].setdefault(dt, {})
         for n in by_priority:
@@ -625,6 +702,13 @@ def measure(a, command: str) -> dict:
             for b in a.batches:
                 if "error" in metas[n]:
                     per[n][str(b)] = {"error": metas[n]["error"]}
+                    continue
+                if metas[n].get("needs_latent"):
+                    if dt != a.dtypes[0]:
+                        per[n][str(b)] = {"n/a": f"a latent solver: timed in {a.dtypes[0]} only"}
+                        continue
+                    _guard(lambda: bench.time_sampler(n, metas[n], latent_prior(), b), per[n], str(b), deadline,
+                           f"time {dt} {n} batch {b} (latent model)")
                     continue
                 _guard(lambda: bench.time_sampler(n, metas[n], prior_for(dt), b), per[n], str(b), deadline,
                        f"time {dt} {n} batch {b}")
@@ -645,6 +729,8 @@ def measure(a, command: str) -> dict:
         "command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "dry_run": a.dry_run, "machine": machine(device), "network": "tiny ADM UNet (dry run)" if a.dry_run
         else "ADM ImageNet-256 unconditional (learn_sigma), random weights",
+        "latent_network": "tiny random latent model (dry run)" if a.dry_run
+        else "Stable Diffusion 1.5 UNet + autoencoder sizes (diffusers configs), random weights",
         "unet_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "n_params": n_params(cfg), "task": "sr4", "operator": bench.op_source,
         "samplers": names, "sampler_source": source, "sampler_meta": metas, "batches": a.batches,

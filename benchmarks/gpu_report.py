@@ -62,7 +62,10 @@ def markdown(res: dict) -> str:
          "Pi-GDM, DDRM); `s/call/img` = wall / (NFE x batch).  `wall/fwd` = wall / (NFE x one bare network call at "
          "the same batch: no_grad forward, or forward + backward to the input for samplers that differentiate "
          "through the network); "
-         "`limit` is its target (1.05, or 1.10 with a network gradient).  `(capped)`: fewer steps or runs, so that "
+         "`limit` is its target (1.05, or 1.10 with a network gradient).  Latent solvers (`+ dec, enc`) run on the "
+         "latent model (" + str(m.get("latent_network", "")) + "), fp32 only; their bare cost adds each decoder "
+         "and encoder call (timed with a vector-Jacobian product, as the data term differentiates through them) "
+         "to the network's.  `(capped)`: fewer steps or runs, so that "
          "one timed run stays within `--measure-cap-s`.  bf16 = autocast with fp32 weights.  "
          "Peak GPU memory is `torch.cuda.max_memory_allocated` over the timed runs (weights included).  "
          "Paper: RED-diff Table 1 (ImageNet-256); `paper*` = read from a public transcription of the paper, "
@@ -83,7 +86,8 @@ def markdown(res: dict) -> str:
                     continue
                 ok = "-" if r["pass"] is None else ("yes" if r["pass"] else "**no**")
                 capped = " (capped)" if r.get("capped") else ""
-                L.append(f"| {n} | {r['steps']}{capped} | {r['nfe']} | {_f(r['forward_ms'], '{:.1f}')} "
+                coder = (f" (+{r['decoder_calls']} dec, {r['encoder_calls']} enc)" if "decoder_calls" in r else "")
+                L.append(f"| {n} | {r['steps']}{capped} | {r['nfe']}{coder} | {_f(r['forward_ms'], '{:.1f}')} "
                          f"({r['forward_kind']}) | "
                          f"{r['wall_s']:.3f} | {_f(r['s_per_step_per_image'], '{:.4f}')} | "
                          f"{_f(r.get('s_per_call_per_image'), '{:.4f}')} | "

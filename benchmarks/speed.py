@@ -74,7 +74,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 def speed_samplers() -> list[str]:
-    """Every registry sampler that calls the network (its YAML has ``steps``); ``pinv`` and the like are free."""
+    """Every registry sampler that calls the network (its YAML has ``steps``); ``pinv`` and the like are free.  A
+    latent solver (``needs_latent``) is timed on the tiny latent model (:func:`needs_latent`)."""
     from reddiff import registry
 
     return [n for n in registry.sampler_names() if "steps" in registry.sampler_config(n)]
@@ -92,6 +93,14 @@ def target(name: str) -> float:
     from reddiff import registry
 
     return registry.sampler_info(name)["speed_limit"]
+
+
+def needs_latent(name: str) -> bool:
+    """A latent solver: timed on the tiny latent model (``prior=latent_tiny``) with the data term through its
+    decoder, whatever ``--prior`` says."""
+    from reddiff import registry
+
+    return bool(getattr(registry.sampler_class(name), "needs_latent", False))
 
 
 def default_steps(name: str) -> int:
@@ -169,7 +178,7 @@ def _random_unet_prior_class():
             self.name = which
             self.C = cfg.in_channels
 
-        def _eps_time(self, x_t, t):   # real t too (denoise off the grid), integer t bit-identical
+        def _eps(self, x_t, t):
             return self.net(x_t, t.to(x_t.device))[:, : self.C]
 
     return _RandomUNetPrior
@@ -255,61 +264,91 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _problem(spec: dict, batch: int):
+def _problem(spec: dict, batch: int, latent: bool = False):
     import torch
 
+    from reddiff.operators.base import ThroughDecoder
     from reddiff.registry import build_operator
     from reddiff.core.rng import BatchRNG
 
-    prior = load_prior(spec)
+    if latent:
+        from reddiff.priors.latent import LatentPrior
+
+        prior = LatentPrior("latent_tiny", device=spec["device"])
+    else:
+        prior = load_prior(spec)
     device = torch.device(spec["device"])
-    x, source = load_images(batch, prior.shape[-1], device)
+    x, source = load_images(batch, tuple(getattr(prior, "pixel_shape", prior.shape))[-1], device)
     op = build_operator("sr4")
     indices = list(range(batch))
     op.setup(indices, tuple(x.shape), device, x.dtype)
     y = op.measure(x, BatchRNG.for_images(1_000_003, indices, device))
+    if latent:  # the sampler sees A(D(.)), as the runner gives it
+        op = ThroughDecoder(op, prior.decode, prior.encode)
     return prior, op, x, y, indices, source
 
 
+def time_coder(prior, batch: int, which: str, repeats: int, warmup: int) -> float:
+    """Median wall time of a latent prior's ``decode`` or ``encode`` with a vector-Jacobian product to its input
+    (the latent solvers differentiate their data term through both)."""
+    import torch
+
+    shape = tuple(prior.shape if which == "decode" else prior.pixel_shape)
+    x = torch.randn((batch,) + shape, device=prior.device)
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = getattr(prior, which)(xg)
+            torch.autograd.grad(out, xg, grad_outputs=torch.ones_like(out))
+        _sync(x.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 class StepClock:
-    """Wraps ``prior.eps`` to record, inside a sampler run, when each network call starts and how long the network
-    itself takes: the forward, and for calls whose input requires grad the backward through the network (from the
-    moment the gradient reaches ``eps`` to the moment it reaches ``x_t``, via tensor hooks).  CPU only (no
-    synchronisation).  Network and sampler time are measured in the same run, so background load inflates both
-    alike: ``wall / network_s`` isolates the sampler's own cost on a busy machine."""
+    """Wraps ``prior.eps`` and ``prior.denoise`` (the samplers written on sigma or on the flow view call the latter)
+    to record, inside a sampler run, when each network call starts and how long the network itself takes: the
+    forward, and for calls whose input requires grad the backward through the network (from the moment the gradient
+    reaches the output to the moment it reaches the input, via tensor hooks).  CPU only (no synchronisation).
+    Network and sampler time are measured in the same run, so background load inflates both alike:
+    ``wall / network_s`` isolates the sampler's own cost on a busy machine."""
 
     def __init__(self, prior):
         self.prior, self.stamps = prior, []
-        self._orig = {"eps": prior.eps, "denoise": prior.denoise}   # denoise: samplers off the grid (flow)
+        self._orig = {name: getattr(prior, name) for name in ("eps", "denoise")}
         self.forward_s = 0.0
         self.backward_s = 0.0
+        for name, fn in self._orig.items():
+            setattr(prior, name, self._timed(fn))
 
-        def timed(fn):
-            def call(x_t, *args, **kw):
-                t0 = time.perf_counter()
-                self.stamps.append(t0)
-                out = fn(x_t, *args, **kw)
-                self.forward_s += time.perf_counter() - t0
-                if out.requires_grad and x_t.requires_grad:
-                    mark = {}
+    def _timed(self, fn):
+        def call(x, *args, **kwargs):
+            t0 = time.perf_counter()
+            self.stamps.append(t0)
+            out = fn(x, *args, **kwargs)
+            self.forward_s += time.perf_counter() - t0
+            if out.requires_grad and x.requires_grad:
+                mark = {}
 
-                    def start(g):
-                        mark["t"] = time.perf_counter()
+                def start(g):
+                    mark["t"] = time.perf_counter()
 
-                    def end(g):
-                        if "t" in mark:
-                            self.backward_s += time.perf_counter() - mark.pop("t")
+                def end(g):
+                    if "t" in mark:
+                        self.backward_s += time.perf_counter() - mark.pop("t")
 
-                    out.register_hook(start)
-                    x_t.register_hook(end)
-                return out
-            return call
+                out.register_hook(start)
+                x.register_hook(end)
+            return out
 
-        prior.eps = timed(self._orig["eps"])
-        prior.denoise = timed(self._orig["denoise"])
+        return call
 
     def close(self):
-        self.prior.eps, self.prior.denoise = self._orig["eps"], self._orig["denoise"]
+        for name, fn in self._orig.items():
+            setattr(self.prior, name, fn)
 
     @property
     def network_s(self) -> float:
@@ -328,7 +367,8 @@ def worker_sampler(spec: dict) -> dict:
     name, batch = spec["sampler"], spec["batch"]
     steps = spec["steps"][name]
     kind = forward_kind(name)
-    prior, op, x, y, indices, source = _problem(spec, batch)
+    latent = needs_latent(name)
+    prior, op, x, y, indices, source = _problem(spec, batch, latent)
     dev = x.device
     # warm-up: a short run of the same sampler on the same batch (lazy initialisations, allocator, caches)
     make_sampler(name, min(spec["warmup"], steps)).sample(y, op, prior, BatchRNG.for_images(0, indices, dev))
@@ -350,26 +390,36 @@ def worker_sampler(spec: dict) -> dict:
             intervals.append(clock.median_interval())
             net.append(walls[-1] / clock.network_s)
         nfes.append(prior.nfe)
+        coder = (getattr(prior, "decoder_calls", 0), getattr(prior, "encoder_calls", 0))
         finite = bool(torch.isfinite(out).all())
     peak = peak_rss_mb()
     peak_gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else None
     fwd_cpu: list = []
-    fwd_times = time_bare(prior, torch.randn_like(x), kind, spec["forward_repeats"], spec["warmup"], cpu=fwd_cpu)
+    z = torch.randn((batch,) + tuple(prior.shape), device=dev)
+    fwd_times = time_bare(prior, z, kind, spec["forward_repeats"], spec["warmup"], cpu=fwd_cpu)
     fwd = statistics.median(fwd_times)
     wall = statistics.median(walls)
     nfe = nfes[0]
+    extra: dict = {}
+    bare = nfe * fwd
+    if latent:  # the decoder and encoder calls count beside the network's (timed with a vector-Jacobian product)
+        t_dec, t_enc = (time_coder(prior, batch, w, spec["forward_repeats"], spec["warmup"]) for w in ("decode", "encode"))
+        bare += coder[0] * t_dec + coder[1] * t_enc
+        extra = {"prior": "latent_tiny", "decoder_calls": coder[0], "encoder_calls": coder[1],
+                 "decode_ms": t_dec * 1e3, "encode_ms": t_enc * 1e3}
+        net = []  # the clock sees the network only: wall/net would count the decoder as overhead
     iv = [i for i in intervals if i is not None]
     return {
         "sampler": name, "batch": batch, "steps": steps, "nfe": nfe, "wall_s": wall, "walls_s": walls,
         "forward_ms": fwd * 1e3, "forward_ms_all": [t * 1e3 for t in fwd_times], "forward_kind": kind,
-        "wall_over_forward": wall / (nfe * fwd) if nfe else None,
-        "step_median_over_forward": statistics.median(iv) / fwd if iv else None,
+        "wall_over_forward": wall / bare if nfe else None,
+        "step_median_over_forward": statistics.median(iv) / fwd if iv and not latent else None,
         "wall_over_network_time": statistics.median(net) if net else None,
         "cpu_over_forward": (statistics.median(cpus) / (nfe * statistics.median(fwd_cpu))
-                             if nfe and dev.type == "cpu" else None),
-        "overhead_ms_per_step": (wall / nfe - fwd) * 1e3 if nfe else None,
+                             if nfe and dev.type == "cpu" and not latent else None),
+        "overhead_ms_per_step": ((wall - bare) / nfe * 1e3 if latent else (wall / nfe - fwd) * 1e3) if nfe else None,
         "images_per_second": batch / wall, "peak_rss_mb": round(peak, 1), "peak_gpu_mb": peak_gpu,
-        "finite_output": finite, "images": source,
+        "finite_output": finite, "images": source, **extra,
     }
 
 
@@ -542,7 +592,8 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
                 "wall_over_network_time",
                 "rss_over_bare_loop",
                 "peak_gpu_mb", "threads")
-        out[s] = {**{k: head.get(k) for k in keys}, "by_batch": by_batch}
+        coder = {k: head[k] for k in ("prior", "decoder_calls", "encoder_calls", "decode_ms", "encode_ms") if k in head}
+        out[s] = {**{k: head.get(k) for k in keys}, **coder, "by_batch": by_batch}
     out["bare_forward"] = loops
     sweep = next((r for sp, r in zip(specs, results) if sp["mode"] == "sweep"), None)
     if sweep is not None:
@@ -599,7 +650,10 @@ def markdown(res: dict) -> str:
          "time (not inflated by time spent descheduled); `wall/net`: wall time over the time spent inside the network "
          "(forward, and backward for DPS / Pi-GDM) during the same run, the least noisy measure of the sampler's "
          "own overhead.  Peak RSS is per process; `RSS/loop` "
-         "divides it by the peak of a bare loop of the same kind of call at the same batch.", ""]
+         "divides it by the peak of a bare loop of the same kind of call at the same batch.  Latent solvers "
+         "(`+ dec, enc`) run on the tiny latent model (`prior=latent_tiny`, 64 px, 16x16x4 latents) whatever the "
+         "prior above; their bare cost adds each decoder and encoder call (timed with a vector-Jacobian product, as "
+         "their data term differentiates through them) to the network's.", ""]
     for b in m["batches"]:
         L += [f"## Batch {b}", "",
               "| sampler | NFE | bare call (ms) | wall (s) | wall/fwd | step/fwd | cpu/fwd | wall/net | overhead/step (ms) | "
@@ -611,7 +665,9 @@ def markdown(res: dict) -> str:
                 L.append(f"| {s} | {'missing: ' + r['missing'] if 'missing' in r else 'error: ' + r['error']} |"
                          + " |" * 11)
                 continue
-            L.append(f"| {s} | {r['nfe']} | {_f(r['forward_ms'], '{:.1f}')} ({r['forward_kind']}) | "
+            coder = (f" (+{r['decoder_calls']} dec, {r['encoder_calls']} enc; latent_tiny)"
+                     if "decoder_calls" in r else "")
+            L.append(f"| {s} | {r['nfe']}{coder} | {_f(r['forward_ms'], '{:.1f}')} ({r['forward_kind']}) | "
                      f"{_f(r['wall_s'], '{:.2f}')} | {_f(r['wall_over_forward'])} | "
                      f"{_f(r.get('step_median_over_forward'))} | {_f(r.get('cpu_over_forward'))} | "
                      f"{_f(r.get('wall_over_network_time'))} | "

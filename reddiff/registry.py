@@ -68,7 +68,8 @@ def sampler_info(name: str) -> dict:
     needs_grad = bool(getattr(cls, "needs_grad", False))
     return {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "requires": list(cls.requires),
             "needs_grad": needs_grad, "speed_limit": 1.10 if needs_grad else 1.05,
-            "gmm": cls.gmm_hparams is not None, "per_item": list(cls.per_item)}
+            "gmm": cls.gmm_hparams is not None, "per_item": list(cls.per_item),
+            "needs_latent": bool(getattr(cls, "needs_latent", False))}
 
 
 def task_info(name: str) -> dict:

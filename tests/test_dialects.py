@@ -137,9 +137,9 @@ def test_ddim_eta0_on_vp_is_euler_flow_on_flow_view():
 def test_every_sampler_runs_in_every_dialect(name, dialect):
     """Every (sampler, dialect) pair: runs where the sampler declares the dialect (an exact prior gives the
     vp_discrete output bit for bit, since it has no time input), refused with one line where it does not."""
-    from test_sampler_contract import gmm_problem, small
+    from test_sampler_contract import problem_for, small
 
-    prior, op, y = gmm_problem()
+    prior, op, y = problem_for(name)  # a latent-only sampler: the mixture on latents, seen through the decoder
     prior.view = D.make_dialect(dialect, prior.schedule)
     s = small(name)
     allowed = type(s).dialects
@@ -147,7 +147,7 @@ def test_every_sampler_runs_in_every_dialect(name, dialect):
         with pytest.raises(ValueError, match=f"^{name}: runs on the .* dialect"):
             s.sample(y, op, prior, BatchRNG([0, 1, 2]))
         return
-    ref_prior, _, _ = gmm_problem()
+    ref_prior, _, _ = problem_for(name)
     ref = small(name).sample(y, op, ref_prior, BatchRNG([0, 1, 2]))
     prior.reset_nfe()
     out = s.sample(y, op, prior, BatchRNG([0, 1, 2]))

@@ -70,6 +70,7 @@ EXPECTED_AXES = {
     "demo_lambda_lr": {"sampler.lam": ["0.0", "0.05", "0.25", "1.0", "4.0"],
                        "sampler.lr": ["0.05", "0.1", "0.25", "0.5", "1.0"]},
     "demo_steps": {"sampler": ["reddiff", "dps", "pigdm", "ddrm"], "sampler.steps": ["10", "20", "50", "100", "200"]},
+    "demo_steps_parallel": {"sampler": ["reddiff"], "sampler.steps": ["100"], "sampler.parallel": ["1", "2", "5", "10"]},
 }
 
 

@@ -110,7 +110,8 @@ def test_hparams_follow_anchors():
     for t in ("inpaint_box", "inpaint_random", "inpaint_freeform"):
         assert hp(t)["dps"]["zeta"] == 0.1
     for t in NONLINEAR_TASKS:
-        assert hp(t)["reddiff"] == {"lr": 0.5, "lam": 0.25}
+        if operator_class(t).differentiable:  # a black-box task (quantize) has no RED-diff anchor: refused there
+            assert hp(t)["reddiff"] == {"lr": 0.5, "lam": 0.25}
 
 
 @pytest.mark.parametrize("name", IMAGE_TASKS)

@@ -459,6 +459,19 @@ def _names():
     return registry.sampler_names()
 
 
+def _seen(name, prior, op):
+    """For a sampler that needs a latent prior (``needs_latent``): the same prior read as a latent one with the
+    elementwise linear decoder ``D(z) = 1.5 z`` (``E = D^-1``), and the operator seen through it (as the runner's
+    ``ThroughDecoder``); other samplers get the prior and operator unchanged."""
+    from reddiff import registry
+    from reddiff.operators.base import ThroughDecoder
+
+    if not getattr(registry.sampler_class(name), "needs_latent", False):
+        return prior, op
+    prior.decode, prior.encode = (lambda z: 1.5 * z), (lambda x: x / 1.5)
+    return prior, ThroughDecoder(op, prior.decode, prior.encode)
+
+
 @pytest.mark.parametrize("name", _names())
 def test_batch_equals_loop_elementwise_bitwise(name):
     """4-D images, per-image masks and a diagonal prior (all elementwise): a batch of 4 equals four batches of 1
@@ -468,11 +481,12 @@ def test_batch_equals_loop_elementwise_bitwise(name):
     op = MaskOperator(sigma_y=0.05, keep=0.5).setup(range(4), (4, 1, 4, 4))
     y = op.measure(prior.sample(4, BatchRNG(7)), BatchRNG([20, 21, 22, 23]))
     seeds = [11, 12, 13, 14]
-    xb = smp.sample(y, op, prior, BatchRNG(seeds))
+    prior, seen = _seen(name, prior, op)
+    xb = smp.sample(y, seen, prior, BatchRNG(seeds))
     xl = []
     for i in range(4):
         op.setup([i], (1, 1, 4, 4))
-        xl.append(smp.sample(y[i:i + 1], op, prior, BatchRNG([seeds[i]])))
+        xl.append(smp.sample(y[i:i + 1], seen, prior, BatchRNG([seeds[i]])))
     assert torch.equal(xb, torch.cat(xl)), type(smp).__name__
 
 
@@ -489,6 +503,7 @@ def test_batch_equals_loop_dense_float64(name):
     op = MatrixOperator(torch.randn(m, d, generator=g, dtype=torch.float64), sigma_y=0.1)
     y = torch.randn(4, m, generator=g, dtype=torch.float64)
     seeds = [11, 12, 13, 14]
+    prior, op = _seen(name, prior, op)
     xb = smp.sample(y, op, prior, BatchRNG(seeds))
     xl = torch.cat([smp.sample(y[i:i + 1], op, prior, BatchRNG([seeds[i]])) for i in range(4)])
     assert xb.dtype == torch.float64

@@ -5,6 +5,7 @@ Every operator maps an image (or vector) batch ``x`` of shape ``(B, *shape)`` to
 * ``forward(x)``: the noiseless measurement H(x).
 * ``pinv(y)``: the pseudo-inverse H^+(y) for linear operators, the initialisation rule for nonlinear ones.
 * ``measure(x, rng)``: ``forward(x)`` plus noise of std ``noise_std`` (model units), per-image seeded.
+* ``differentiable``: whether ``forward`` may be differentiated (default True; a black-box measurement sets False).
 * ``setup(indices)``: binds per-image state (masks, kernels) to the images of the current batch; operators
   whose state does not depend on the image ignore it.
 
@@ -37,6 +38,9 @@ class Operator:
     """Base class. Subclasses implement ``forward`` and ``pinv``."""
 
     linear: bool = False
+    #: whether ``forward`` has a useful gradient (autograd through it); ``False`` for black-box measurements such as
+    #: quantisation, which samplers that differentiate the data term (``requires`` "grad") refuse up front
+    differentiable: bool = True
     name: str = "operator"
 
     def __init__(self, sigma_y: float = 0.0, value_range: float = 2.0):
@@ -81,10 +85,15 @@ class Operator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
+    def has(self, capability: str) -> bool:
+        """Whether this operator provides ``capability``: 'adjoint', 'svd', 'linear' or 'grad' (a differentiable
+        ``forward``)."""
+        return {"adjoint": self.linear, "svd": isinstance(self, SVDOperator), "linear": self.linear,
+                "grad": bool(self.differentiable)}[capability]
+
     def require(self, capability: str, sampler: str) -> None:
-        """Raise :class:`OperatorCapabilityError` unless this operator has ``capability`` ('adjoint' or 'svd')."""
-        ok = {"adjoint": self.linear, "svd": isinstance(self, SVDOperator), "linear": self.linear}[capability]
-        if not ok:
+        """Raise :class:`OperatorCapabilityError` unless this operator has ``capability`` (see :meth:`has`)."""
+        if not self.has(capability):
             raise OperatorCapabilityError(
                 f"{sampler} needs an operator with {capability}; task operator {type(self).__name__} "
                 f"({self.name}) does not provide it"
@@ -162,6 +171,7 @@ class ThroughDecoder(Operator):
         super().__init__(operator.sigma_y, operator.value_range)
         self.pixel, self.decode, self.encode = operator, decode, encode
         self.name = f"{operator.name} through the decoder"
+        self.differentiable = operator.differentiable      # a black-box pixel operator stays one through D
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.pixel.forward(self.decode(z))

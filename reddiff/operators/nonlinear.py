@@ -7,6 +7,11 @@ which hard-codes 256).  y: ``(B, C, n + 2p, n + 2p)``.  ``pinv(y) = |ifftshift-c
 n x n, as the official ``H_pinv``.  The FFTs run in complex128 for float64 inputs.
 
 ``hdr``: ``y = clip(2 x, -1, 1)``, ``pinv(y) = y / 2`` (official ``HDR``: ``clip(x / 0.5)``, ``x * 0.5``).
+
+``quantize``: a black-box measurement, ``y`` = ``x`` clipped to [-1, 1] and rounded to ``levels`` equally spaced
+values (``levels = 2^bits``); its gradient is zero almost everywhere, so it is marked ``differentiable = False``
+and only derivative-free samplers (EnKG) run on it.  ``pinv(y) = y`` (the quantised image is the nearest
+image-shaped estimate; our choice).
 """
 from __future__ import annotations
 
@@ -96,3 +101,36 @@ class HDR(ImageOpMixin, Operator):
         """The clipped image itself."""
         self._check_y(y, self.y_shape)
         return y
+
+
+class Quantize(ImageOpMixin, Operator):
+    """``quantize``: ``round((clip(x) + 1) / 2 * (levels - 1)) / (levels - 1) * 2 - 1``; pinv the identity.
+    Not differentiable (``differentiable = False``)."""
+
+    name = "quantize"
+    differentiable = False
+
+    def __init__(self, sigma_y: float = 0.0, levels: int = 8):
+        super().__init__(sigma_y=sigma_y)
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"quantize: levels must be an integer >= 2, got {levels!r}")
+        self.levels = levels
+        self._master = None
+
+    def setup(self, indices, x_shape, device=None, dtype=None):
+        self._bind(indices, x_shape, device, dtype)
+        return self
+
+    @property
+    def y_shape(self) -> tuple:
+        self._require_setup()
+        return self.x_shape
+
+    def forward(self, x):
+        self._check_x(x)
+        q = self.levels - 1
+        return torch.round((x.clamp(-1.0, 1.0) + 1.0) * (q / 2.0)) * (2.0 / q) - 1.0
+
+    def pinv(self, y):
+        self._check_y(y, self.y_shape)
+        return y.clone()

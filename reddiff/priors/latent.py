@@ -99,24 +99,38 @@ class LatentPrior(Prior):
                  dtype: str = "float32", autoencoder: Optional[str] = None):
         root = self._root(weights)
         ae_sub = autoencoder or ("vae" if (root / "vae").is_dir() else "vqvae")
-        schedule, self.prediction = schedule_of(_read(root / "scheduler" / "scheduler_config.json"))
-        super().__init__(schedule, dialect)
-        self.folder = root
-        self.ae = load_component(root, ae_sub, AUTOENCODERS)
-        self.net = load_component(root, "unet", NETWORKS)
+        ae, net = load_component(root, ae_sub, AUTOENCODERS), load_component(root, "unet", NETWORKS)
         raw = _read(root / ae_sub / "config.json")
-        #: the decoder's scaling factor as the folder's config states it (the class default when it says none)
-        self.scaling_factor = float(raw.get("scaling_factor", self.ae.config.scaling_factor))
-        self.cond = self._empty_prompt(root) if type(self.net).__name__ == "UNet2DConditionModel" else None
-        f = 2 ** (len(self.ae.config.block_out_channels) - 1)
-        h = int(self.net.config.sample_size)
-        self.shape = (int(self.net.config.in_channels), h, h)
-        self.pixel_shape = (int(self.ae.config.in_channels), h * f, h * f)
-        self.encoder_calls = self.decoder_calls = 0
-        frozen(self, device, dtype)
+        cond = self._empty_prompt(root) if type(net).__name__ == "UNet2DConditionModel" else None
+        # the decoder's scaling factor as the folder's config states it (the class default when it says none)
+        self._setup(ae, net, _read(root / "scheduler" / "scheduler_config.json"), cond,
+                    float(raw.get("scaling_factor", ae.config.scaling_factor)), dialect, device, dtype)
+        self.folder = root
         #: one digest of the folder's weights (the sha256s of its safetensors files, in order): the fingerprint's
         self.weights_sha256 = hashlib.sha256("".join(
             sha256sum(p) for p in sorted(root.rglob("*.safetensors"))).encode()).hexdigest()
+
+    @classmethod
+    def from_modules(cls, ae, net, scheduler_config: dict, cond=None, scaling_factor: Optional[float] = None,
+                     dialect: str = "vp_discrete", device="cpu", dtype: str = "float32") -> "LatentPrior":
+        """A latent prior from models in memory (random weights for timing: ``benchmarks/gpu_check.py``)."""
+        self = cls.__new__(cls)
+        sf = float(ae.config.scaling_factor if scaling_factor is None else scaling_factor)
+        self._setup(ae.eval().requires_grad_(False), net.eval().requires_grad_(False), scheduler_config, cond, sf,
+                    dialect, device, dtype)
+        self.folder, self.weights_sha256 = None, None
+        return self
+
+    def _setup(self, ae, net, scheduler_config, cond, scaling_factor, dialect, device, dtype) -> None:
+        schedule, prediction = schedule_of(scheduler_config)
+        super().__init__(schedule, dialect)
+        self.prediction, self.ae, self.net, self.cond, self.scaling_factor = prediction, ae, net, cond, scaling_factor
+        f = 2 ** (len(ae.config.block_out_channels) - 1)
+        h = int(net.config.sample_size)
+        self.shape = (int(net.config.in_channels), h, h)
+        self.pixel_shape = (int(ae.config.in_channels), h * f, h * f)
+        self.encoder_calls = self.decoder_calls = 0
+        frozen(self, device, dtype)
 
     @staticmethod
     def _root(weights: str) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from reddiff.report import stats as S
+from reddiff.report.claims_exact import exact_claims
 from reddiff.store.results import write_if_changed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,6 +250,7 @@ def all_claims() -> list[dict]:
              claim_nonlinear("phase_retrieval", "numbers not available (paper*)"),
              claim_nonlinear("hdr", "RED-diff 25.23 vs DPS 7.94 dB (paper*)"),
              claim_cost(), claim_gmm()]
+    rows += exact_claims(RES)
     return rows
 
 
@@ -260,7 +262,9 @@ def render(rows: list[dict]) -> str:
             "64 px, embedded prior, noiseless, CPU step counts (100; DDRM 20).  Tuned = `+tuned=embedded`: every "
             "sampler tuned with the same Optuna budget on the tuning split (`make tune`, conf/tuned/embedded/).",
             "",
-            f"**Verdict rule.** {RULE}  Cost and GMM rows state their own rule in the evidence column.",
+            f"**Verdict rule.** {RULE}  Cost and GMM rows state their own rule in the evidence column.  Rows marked "
+            "[exact mixture prior, 32 px] apply the same rule to the problems of results/exact_images.md (an exact "
+            "posterior; the problems in place of the images; reddiff/report/claims_exact.py).",
             "",
             "Cells give means and paired differences Δ = RED-diff − other as mean [95% interval].",
             "",

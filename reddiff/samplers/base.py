@@ -62,6 +62,9 @@ class Sampler:
     #: the prior dialects (reddiff/priors/dialects.py) the method is defined on; ``None``: every one (a sampler on the
     #: discrete VP grid runs on any prior evaluated at the grid's sigmas)
     dialects: Optional[tuple] = None
+    #: True for a solver defined only on a latent prior (one with ``decode``/``encode``, reddiff/priors/latent.py):
+    #: ``check_prior`` refuses any other prior in one line, and the generic tests run it on a latent test prior
+    needs_latent: bool = False
     #: timestep spacing passed to :func:`reddiff.core.diffusion.timesteps` (the compat profile may change it)
     spacing: str = "default"
     log_every: int = 10
@@ -74,6 +77,9 @@ class Sampler:
     def check_prior(self, prior) -> None:
         """Refuse, before any sampling, a prior dialect the method is not defined on or a step count the prior's
         schedule cannot provide."""
+        if self.needs_latent and not callable(getattr(prior, "decode", None)):
+            raise ValueError(f"{self.name}: needs a latent prior (an encoder and a decoder: prior=latent_tiny, sd15, ...); "
+                             f"prior {getattr(prior, 'name', type(prior).__name__)} is a pixel prior")
         dialect = getattr(prior, "dialect", "vp_discrete")
         if self.dialects is not None and dialect not in self.dialects:
             raise ValueError(f"{self.name}: runs on the {' / '.join(self.dialects)} dialect of a prior; prior.dialect="

@@ -35,6 +35,10 @@ Implementation notes
   x and y).
 * **Returns.** ``returns="last_sample"`` (official) gives the last ``x0`` sample, drawn before the final Adam
   step; ``returns="mu"`` gives ``mu`` after it.
+* **parallel = k** (official ``algos/reddiff_parallel.py``, ``num_dens``): the same objective, but each Adam step
+  averages the denoiser terms of ``k`` consecutive timesteps of the visited list (one ``x0`` sample, ``k`` noise
+  draws ``e2_j``), ``grad = (1/k) sum_j w_j (eps_j - e2_j) / n + grad(data term)``: ``steps / k`` Adam steps for the
+  same ``steps`` network evaluations.  ``k = 1`` (default) is the sequential loop above, bit for bit.
 """
 from __future__ import annotations
 
@@ -106,13 +110,15 @@ class REDDiff(Sampler):
         betas, adam_eps: Adam constants (0.9, 0.99) and 1e-8 as in the official code.
         batch_loss: "per_image" (a batch equals a loop) or "batch_mean" (the official one mean over the batch).
         spacing: timestep spacing, "default" or "official" (``compat.timesteps``).
+        parallel: ``k`` timesteps (network evaluations) per Adam step (1 = sequential, the default); ``steps`` must
+            be a multiple of ``k``.
         log_every: the callback is called every ``log_every`` steps and at the last step.
 
     Per-item values are lists (or tuples / 1-D tensors) with one entry per batch item; see :func:`expand_configs`.
     """
 
     name = "reddiff"
-    requires: tuple = ()
+    requires: tuple = ("grad",)  # differentiates the data term through operator.forward (refuses a black-box task)
     per_item = PER_ITEM
     # GMM benchmark: tuned on the tuning seed (results/gmm_posterior.md)
     gmm_hparams = {"lr": 4.0, "lam": 0.25, "sigma_x0": 0.0, "weighting": "linear", "sigma_aware": True}
@@ -124,7 +130,10 @@ class REDDiff(Sampler):
     def __init__(self, steps: int = 100, lr=0.5, lam=0.25, weighting="linear", obs_weight=1.0, sigma_x0=0.0,
                  ordering: str = "descending", order_seed: int = 0, returns: str = "last_sample",
                  sigma_aware: bool = False, betas: Sequence[float] = (0.9, 0.99), adam_eps: float = 1e-8,
-                 log_every: int = 10, batch_loss: str = "per_image", spacing: str = "default"):
+                 log_every: int = 10, batch_loss: str = "per_image", spacing: str = "default", parallel: int = 1):
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1 or steps % parallel:
+            raise ValueError(f"reddiff: parallel must be an integer >= 1 that divides steps ({steps}), got {parallel!r}")
+        self.parallel = parallel
         if batch_loss not in ("per_image", "batch_mean"):
             raise ValueError(f"reddiff: batch_loss must be 'per_image' or 'batch_mean', got {batch_loss!r}")
         self.batch_loss = batch_loss
@@ -215,6 +224,10 @@ class REDDiff(Sampler):
         v_buf = torch.zeros_like(mu)
         x0 = mu
         last = len(ts) - 1
+        k = self.parallel
+        if k > 1:
+            return self._sample_parallel(y, operator, prior, rng, callback, ts, mu, sqrt_a, sqrt_1ma, W, lr, v_obs,
+                                         sx0, adam_eps)
         for i, t in enumerate(ts):
             e1 = rng.randn_like(mu)
             e2 = rng.randn_like(mu)
@@ -235,6 +248,40 @@ class REDDiff(Sampler):
                 callback(i, {"t": t, "loss": (noise_term + data).detach(), "loss_noise": noise_term.detach(),
                              "loss_obs": data.detach(), "mu": mu.detach().clone()})
             adam_step(mu, grad, m_buf, v_buf, i + 1, lr, self.betas, adam_eps)
+        out = x0 if self.returns == "last_sample" else mu
+        return out.detach()
+
+    def _sample_parallel(self, y, operator, prior, rng, callback, ts, mu, sqrt_a, sqrt_1ma, W, lr, v_obs, sx0,
+                         adam_eps) -> torch.Tensor:
+        """``parallel = k > 1``: one Adam step per group of ``k`` consecutive timesteps, the denoiser gradients of
+        the group averaged (official ``algos/reddiff_parallel.py:52-53, 70-76, 125``: one mean over the ``k``
+        copies); the data term once, on the group's single ``x0`` sample."""
+        k, B = self.parallel, y.shape[0]
+        m_buf = torch.zeros_like(mu)
+        v_buf = torch.zeros_like(mu)
+        x0 = mu
+        groups = [list(range(j, j + k)) for j in range(0, len(ts), k)]
+        last = len(groups) - 1
+        for g, idx in enumerate(groups):
+            e1 = rng.randn_like(mu)
+            x0 = mu + sx0 * e1
+            grad = torch.zeros_like(mu)
+            for i in idx:
+                e2 = rng.randn_like(mu)
+                x_t = sqrt_a[i] * x0 + sqrt_1ma[i] * e2
+                with torch.no_grad():
+                    eps = prior.eps(x_t, ts[i])
+                grad = grad + bcast(W[i], mu) * (eps - e2)
+            grad = grad / k
+            with torch.enable_grad():
+                x0r = x0.detach().requires_grad_(True)
+                data = v_obs * (y - operator.forward(x0r)).reshape(B, -1).square().sum(1)
+                (g_data,) = torch.autograd.grad(data.sum(), x0r)
+            if callback is not None and self.should_log(g, last):
+                noise_term = (grad * x0).reshape(B, -1).sum(1)
+                callback(g, {"t": ts[idx[0]], "loss": (noise_term + data).detach(), "loss_noise": noise_term.detach(),
+                             "loss_obs": data.detach(), "mu": mu.detach().clone()})
+            adam_step(mu, grad + g_data, m_buf, v_buf, g + 1, lr, self.betas, adam_eps)
         out = x0 if self.returns == "last_sample" else mu
         return out.detach()
 

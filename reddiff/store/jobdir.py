@@ -36,7 +36,7 @@ EXCLUDE = ("resume", "progress", "device", "save_images", "grid_images", "logger
 SHARD_KEYS = ("data.shard", "data.num_shards")
 #: keys added after results were made, at the value that reproduces those results: left out of the fingerprint at
 #: that value, so folders made before the key existed still resume
-DEFAULTS_BEFORE = {"prior.dialect": '"vp_discrete"'}
+DEFAULTS_BEFORE = {"prior.dialect": '"vp_discrete"', "sampler.parallel": "1"}
 #: modules renamed after results were made: a ``_target_`` is fingerprinted by its name before the rename, so folders
 #: made before still resume (``baselines.dps.DPS`` became ``reddiff.baselines.dps.DPS`` when the harness stopped
 #: installing a top-level ``baselines`` package)

@@ -32,9 +32,22 @@ from reddiff.tune.sweeper import N_STARTUP
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def can_run(sampler: str, task: str) -> bool:
+def latent_prior(prior: str) -> bool:
+    """Whether ``conf/prior/<prior>.yaml`` builds a latent prior (a class with ``decode``)."""
+    from hydra.utils import get_class
+
+    from reddiff.registry import _load_yaml
+
+    return callable(getattr(get_class(_load_yaml("prior", prior)["_target_"]), "decode", None))
+
+
+def can_run(sampler: str, task: str, prior: str | None = None) -> bool:
+    """Whether ``sampler`` can run ``task`` (operator capabilities) and, with ``prior`` given, on that prior (a
+    sampler with ``needs_latent`` runs only on a latent prior)."""
     from reddiff.registry import sampler_info, task_info
 
+    if prior is not None and sampler_info(sampler)["needs_latent"] and not latent_prior(prior):
+        return False
     req, t = set(sampler_info(sampler)["requires"]), task_info(task)
     if "svd" in req and not t["svd"]:
         return False
@@ -184,8 +197,8 @@ def main(argv=None) -> int:
             "command": "python -m reddiff.tune.make " + " ".join(argv if argv is not None else sys.argv[1:])}
     for task in a.tasks.split(","):
         for name in names:
-            if not can_run(name, task):
-                print(f"[make_tune] {name} cannot run {task}: skipped", flush=True)
+            if not can_run(name, task, a.prior):
+                print(f"[make_tune] {name} cannot run {task} on prior={a.prior}: skipped", flush=True)
                 continue
             steps = a.steps or (preset_steps(a.steps_from, name, task) if a.steps_from else default_steps(name, task))
             res = tune_one(a.prior, task, name, steps, a.trials, a.images, lambda s: print(s, flush=True))
