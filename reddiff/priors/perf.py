@@ -122,6 +122,16 @@ class FastPathPrior(Prior):
             out = self._fn(x, t)
         return out.to(dtype=x_t.dtype).contiguous()
 
+    def _eps_time(self, x_t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """The wrapped epsilon network at a real time input (``denoise`` off the grid, other dialects), fast paths
+        on (not compiled); a wrapped prior without this hook raises, as the wrapper did before."""
+        x = x_t
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast_ctx(x.device):
+            out = self.inner._eps_time(x, tau)
+        return out.to(dtype=x_t.dtype).contiguous()
+
     def __getattr__(self, name):
         # attributes of the wrapped prior (resolution, cfg, class_labels, ...) stay reachable
         try:
