@@ -129,7 +129,7 @@ def supported(task: str) -> list[str]:
     """Every registry sampler whose ``requires`` the task's operator provides (an SVD operator provides all) and
     that runs on a pixel prior (not ``needs_latent``)."""
     return [n for n in registry.sampler_names()
-            if set(registry.sampler_class(n).requires) <= {"svd", "linear", "adjoint"}
+            if set(registry.sampler_class(n).requires) <= {"svd", "linear", "adjoint", "grad"}
             and not getattr(registry.sampler_class(n), "needs_latent", False)]
 
 
