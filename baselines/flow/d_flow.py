@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from reddiff.samplers.base import Sampler
-from reddiff.baselines.flow.flow2_common import check_value, data_loss, max_time, min_time, per_item, velocity
+from reddiff.baselines.flow.common import check_value, data_loss, max_time, min_time, per_item, velocity
 
 
 def _int(name: str, v, low: int) -> int:

@@ -2,7 +2,7 @@
 NeurIPS 2024, arXiv 2405.18816).
 
 Written here in the official code's time ``s = 1 - t`` (noise at ``s = 0``, data at ``s = 1``; velocity
-``u = -v`` of :mod:`reddiff.baselines.flow.flow2_common`).  From ``x = x_init ~ N(0, I)``, for ``s_i = i/N (1 - e)
+``u = -v`` of :mod:`reddiff.baselines.flow.common`).  From ``x = x_init ~ N(0, I)``, for ``s_i = i/N (1 - e)
 + e`` (``e = 1e-3``, ``ds = 1/N``), a fresh Adam (learning rate ``eta``) takes ``K`` steps on
 
     L_i(x) = lmbda ||H(x + ds u(x, s_i)) - y_i||^2 + ds u_probe^T (du/dx) u_probe  [+ ||x||^2 / 2 at i = 0]
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from reddiff.samplers.base import Sampler, validate_steps
-from reddiff.baselines.flow.flow2_common import check_value, data_loss, max_time, per_item, velocity
+from reddiff.baselines.flow.common import check_value, data_loss, max_time, per_item, velocity
 
 
 class FlowPriors(Sampler):

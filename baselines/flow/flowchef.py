@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from reddiff.samplers.base import Sampler, validate_steps
-from reddiff.baselines.flow.flow2_common import check_value, data_grad, max_time, per_item, velocity
+from reddiff.baselines.flow.common import check_value, data_grad, max_time, per_item, velocity
 
 
 class FlowChef(Sampler):

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from reddiff.baselines.flow.common import max_time
 from reddiff.samplers.base import Sampler, bcast, validate_steps
 
 CONSISTENCY = ("adjoint", "pinv")
@@ -104,8 +105,7 @@ class FlowDPS(Sampler):
     def sample(self, y, operator, prior, rng, callback=None):
         self.check(operator)
         self.check_prior(prior)
-        sig_max = float(prior.schedule.sigmas[-1])
-        s_cap = sig_max / (1.0 + sig_max)
+        s_cap = max_time(prior)
         shape = self.sample_shape(y, prior)
         with torch.no_grad():
             x = self.init_noise(rng, y, prior)

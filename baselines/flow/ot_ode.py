@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from reddiff.baselines.flow.common import max_time
 from reddiff.samplers.base import Sampler, bcast, validate_steps
 
 GAMMAS = ("constant", "gamma_t")
@@ -85,8 +86,7 @@ class OTODE(Sampler):
     def sample(self, y, operator, prior, rng, callback=None):
         self.check(operator)
         self.check_prior(prior)
-        sig_max = float(prior.schedule.sigmas[-1])
-        s_cap = sig_max / (1.0 + sig_max)
+        s_cap = max_time(prior)
         shape = self.sample_shape(y, prior)
         sigma2 = float(operator.noise_std) ** 2
         N, k0 = self.steps, self.first()

@@ -67,17 +67,11 @@ class PhaseRetrieval(ImageOpMixin, Operator):
         return z[..., p:p + n, p:p + n]
 
 
-class HDR(ImageOpMixin, Operator):
-    """``hdr``: ``clip(2x, -1, 1)``; pinv ``y / 2``. y: image shape."""
+class _Pointwise(ImageOpMixin, Operator):
+    """A pixelwise operator: ``y`` has the image's shape, nothing is bound per image but the batch shape."""
 
-    name = "hdr"
-
-    def __init__(self, sigma_y: float = 0.0, scale: float = 2.0):
+    def __init__(self, sigma_y: float = 0.0):
         super().__init__(sigma_y=sigma_y)
-        scale = float(scale)
-        if not scale > 0:
-            raise ValueError(f"hdr: scale must be > 0, got {scale}")
-        self.scale = scale
         self._master = None
 
     def setup(self, indices, x_shape, device=None, dtype=None):
@@ -88,6 +82,19 @@ class HDR(ImageOpMixin, Operator):
     def y_shape(self) -> tuple:
         self._require_setup()
         return self.x_shape
+
+
+class HDR(_Pointwise):
+    """``hdr``: ``clip(2x, -1, 1)``; pinv ``y / 2``. y: image shape."""
+
+    name = "hdr"
+
+    def __init__(self, sigma_y: float = 0.0, scale: float = 2.0):
+        super().__init__(sigma_y=sigma_y)
+        scale = float(scale)
+        if not scale > 0:
+            raise ValueError(f"hdr: scale must be > 0, got {scale}")
+        self.scale = scale
 
     def forward(self, x):
         self._check_x(x)
@@ -103,7 +110,7 @@ class HDR(ImageOpMixin, Operator):
         return y
 
 
-class Quantize(ImageOpMixin, Operator):
+class Quantize(_Pointwise):
     """``quantize``: ``round((clip(x) + 1) / 2 * (levels - 1)) / (levels - 1) * 2 - 1``; pinv the identity.
     Not differentiable (``differentiable = False``)."""
 
@@ -115,16 +122,6 @@ class Quantize(ImageOpMixin, Operator):
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
             raise ValueError(f"quantize: levels must be an integer >= 2, got {levels!r}")
         self.levels = levels
-        self._master = None
-
-    def setup(self, indices, x_shape, device=None, dtype=None):
-        self._bind(indices, x_shape, device, dtype)
-        return self
-
-    @property
-    def y_shape(self) -> tuple:
-        self._require_setup()
-        return self.x_shape
 
     def forward(self, x):
         self._check_x(x)

@@ -1,5 +1,4 @@
-"""Flow-view pieces shared by D-Flow, Flow-Priors and FlowChef (branch flow2; the lead may merge them with the
-other flow solvers' helpers).
+"""Flow-view pieces shared by the flow solvers (velocity, the prior's time limits, the data term).
 
 Every prior is a denoiser ``D(x_e, sigma)``; on the linear interpolant ``x_t = (1 - t) x0 + t n`` (noise at
 ``t = 1``) the state is ``x_e = x_t / (1 - t)`` at ``sigma = t / (1 - t)``, and the velocity is ``v = eps - D``
