@@ -255,17 +255,20 @@ def make_prior(cfg, device, dtype: str, deadline, seed: int = 0):
 
     base = RandomADM()
     prior = apply_fast_paths(base, autocast=None if dtype == "fp32" else dtype).eval()
-    inner_eps = prior.eps
     prior.oom_above = prior.probe_batch = None
 
-    def eps(x_t, t):
-        deadline.check()
-        # the simulated OOM depends on the probed image batch (a particle sampler calls the network on more)
-        if prior.oom_above is not None and prior.probe_batch > prior.oom_above:
-            raise oom_error_class()(f"simulated OOM: batch {prior.probe_batch} > --dry-oom-batch {prior.oom_above}")
-        return inner_eps(x_t, t)
+    def guarded(call):
+        """A network entry point (``eps``, or ``denoise`` of the samplers written on sigma) that checks the deadline
+        and, in the dry run, raises the simulated OOM."""
+        def wrapped(x, *args, **kwargs):
+            deadline.check()
+            # the simulated OOM depends on the probed image batch (a particle sampler calls the network on more)
+            if prior.oom_above is not None and prior.probe_batch > prior.oom_above:
+                raise oom_error_class()(f"simulated OOM: batch {prior.probe_batch} > --dry-oom-batch {prior.oom_above}")
+            return call(x, *args, **kwargs)
+        return wrapped
 
-    prior.eps = eps
+    prior.eps, prior.denoise = guarded(prior.eps), guarded(prior.denoise)
     prior.n_params = sum(p.numel() for p in base.net.parameters())
     return prior
 
