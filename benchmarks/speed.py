@@ -51,8 +51,8 @@ machine shared with other jobs use ``--threads 1``: two OpenMP threads competing
 every call down by an order of magnitude.  Timings taken under load are noisy (+-10% between processes); the
 in-run ratio ``wall_over_network_time`` and ``step_median_over_forward`` tell sampler overhead from load.
 
-``--quick`` is a smoke test (batch 1, 2 steps, one thread per worker, two workers at a time): its numbers are not
-for reporting.
+``--quick`` is a smoke test (batch 1, 2 steps, each sampler at its ``test_overrides``, one thread per worker, two
+workers at a time): its numbers are not for reporting.
 """
 from __future__ import annotations
 
@@ -206,11 +206,15 @@ def load_images(batch: int, resolution: int, device, seed: int = 0):
         return (torch.rand((batch, 3, resolution, resolution), generator=g) * 2 - 1).to(device), "random"
 
 
-def make_sampler(name: str, steps: int):
-    """The sampler's class with its constructor defaults and ``steps``."""
+def make_sampler(name: str, steps: int, small: bool = False):
+    """The sampler's class with its constructor defaults and ``steps``; ``small`` (``--quick``) also applies its
+    ``test_overrides`` (the generic tests' small settings: fewer particles and inner iterations; not ``steps``, not
+    a None "the operator's own" setting)."""
     from reddiff import registry
 
-    return registry.sampler_class(name)(steps=steps)
+    cls = registry.sampler_class(name)
+    kw = {k: v for k, v in cls.test_overrides.items() if k != "steps" and v is not None} if small else {}
+    return cls(**kw, steps=steps)
 
 
 def import_all_samplers() -> dict:
@@ -371,12 +375,13 @@ def worker_sampler(spec: dict) -> dict:
     prior, op, x, y, indices, source = _problem(spec, batch, latent)
     dev = x.device
     # warm-up: a short run of the same sampler on the same batch (lazy initialisations, allocator, caches)
-    make_sampler(name, min(spec["warmup"], steps)).sample(y, op, prior, BatchRNG.for_images(0, indices, dev))
+    small = spec.get("quick", False)
+    make_sampler(name, min(spec["warmup"], steps), small).sample(y, op, prior, BatchRNG.for_images(0, indices, dev))
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     walls, cpus, nfes, intervals, net = [], [], [], [], []
-    sampler = make_sampler(name, steps)
+    sampler = make_sampler(name, steps, small)
     for _ in range(spec["repeats"]):
         prior.reset_nfe()
         clock = StepClock(prior) if dev.type == "cpu" else None
@@ -555,7 +560,7 @@ def build_specs(a) -> list[dict]:
     common = {"prior": a.prior, "device": a.device, "dtype": a.dtype, "channels_last": a.channels_last,
               "compile": a.compile, "threads": a.threads, "steps": a.steps,
               "repeats": a.repeats, "forward_repeats": a.forward_repeats, "warmup": a.warmup, "loop_calls": a.loop_calls,
-              "sweep_steps": a.sweep_steps, "sweep_repeats": a.sweep_repeats}
+              "sweep_steps": a.sweep_steps, "sweep_repeats": a.sweep_repeats, "quick": a.quick}
     specs = []
     for b in (a.batch if a.samplers else []):
         for s in a.samplers:

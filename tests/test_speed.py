@@ -76,7 +76,7 @@ def test_quick_benchmark_emits_contract(tmp_path, root):
         latent = "decoder_calls" in e                                  # a latent solver, on latent_tiny
         assert latent == bool(getattr(registry.sampler_class(name), "needs_latent", False))
         small = LinearDecoderGMM(torch.eye(4, dtype=torch.float64), torch.eye(4)) if latent else GaussianPrior(dim=4)
-        expect = make_sampler(name, steps).expected_nfe(small)         # NFE per image the class declares
+        expect = make_sampler(name, steps, small=True).expected_nfe(small)  # NFE per image the class declares
         # counted by the prior (not always >= steps: OT-ODE runs the last N - int(N start_time) steps of its grid)
         assert e["nfe"] == expect > 0, (name, e["nfe"], expect)
         assert e["batch"] == max(meta["batches"])
