@@ -1,7 +1,7 @@
 """Every registry sampler on every SVD task at image scale, scored against the exact posterior (issue #29).
 
     python -m benchmarks.exact_images [--size 32] [--families 24] [--variants 8] [--std 0.1] [--sigma-y 0.05]
-        [--problems 3] [--samples 16] [--budgets 20,50,100] [--tasks all] [--samplers all] [--workers 2]
+        [--problems 6] [--samples 16] [--budgets 20,50,100] [--tasks all] [--samplers all] [--workers 2]
         [--seed 0] [--json FILE] [--md FILE] [--curve]
 
 Prior (:class:`reddiff.priors.image_gmm.ImageMixturePrior`): ``sum_k w_k N(m_k, s^2 I)`` on 3 x size x size
@@ -511,7 +511,7 @@ def parse_args(argv):
     ap.add_argument("--variants", type=int, default=8)
     ap.add_argument("--std", type=float, default=0.1)
     ap.add_argument("--sigma-y", type=float, default=0.05)
-    ap.add_argument("--problems", type=int, default=3)
+    ap.add_argument("--problems", type=int, default=6)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--ref-samples", type=int, default=64)
     ap.add_argument("--dirs", type=int, default=200)

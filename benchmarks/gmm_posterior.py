@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from benchmarks import parse_set_overrides
 from reddiff import registry
 from reddiff.core.diffusion import Schedule
 from reddiff.operators.matrix import MatrixOperator
@@ -312,9 +313,10 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     X = prior.sample(samples, _gen(seed, d, d_y, p, 3))
     score("prior", X, time.perf_counter() - t0)
     y = pb.y.to(torch.float32)[None, :].expand(samples, d_y).contiguous()
-    for name in samplers:
-        sampler = build_sampler(name, steps, **(overrides or {}).get(name, {}))
-        rng = BatchRNG(_seed(seed, d, d_y, p, sampler_stream(name)), per_item=False)
+    for name in samplers:  # a --sweep column "name[key=value]" runs name with its overrides and name's noise
+        base = name.split("[", 1)[0]
+        sampler = build_sampler(base, steps, **(overrides or {}).get(name, {}))
+        rng = BatchRNG(_seed(seed, d, d_y, p, sampler_stream(base)), per_item=False)
         t0 = time.perf_counter()
         X = sampler.sample(y, run_op, run_prior, rng)
         score(name, X, time.perf_counter() - t0)
@@ -402,9 +404,9 @@ def run_all(dims: Sequence[int], dims_y: Sequence[int], *, problems: int, sample
 # ------------------------------------------------------------------------------------------ reporting
 def markdown_table(res: dict) -> str:
     """The results table (mean ± 95% CI of SW_1; mean seconds per problem) from the benchmark JSON."""
-    present = {n for dd in res["results"].values() for c in dd.values() for n in c}
-    samplers = [n for n in registry.sampler_names() if n in present] + sorted(present - set(REFERENCES)
-                                                                            - set(registry.sampler_names()))
+    present = list(dict.fromkeys(n for dd in res["results"].values() for c in dd.values() for n in c))
+    known = registry.sampler_names()
+    samplers = [n for n in known if n in present] + [n for n in present if n not in known and n not in REFERENCES]
     names = samplers + [n for n in REFERENCES if n in present]
     head = "| d | d_y | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names) + "\n"
     rows = []
@@ -725,6 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--workers", type=int, default=1, help="processes running problems in parallel (default 1)")
     ap.add_argument("--tune", action="store_true", help="grid-search the hyperparameters on the tuning seed instead")
+    ap.add_argument("--sweep", action="append", default=[], metavar="SAMPLER.KEY=V1,V2,...",
+                    help="a column SAMPLER[KEY=V] per value (the sampler's --set values, then KEY=V; the sampler's "
+                         "noise stream: paired), after the --samplers columns; repeatable")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(max(1, args.threads))
@@ -745,17 +750,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"d_y must be in [1, min(dims)], got {dy}")
     if args.problems < 2 or args.samples < 2:
         ap.error("need at least 2 problems and 2 samples")
-    overrides: dict = {}
-    for item in args.set:
-        m = re.fullmatch(r"(\w+)\.(\w+)=(.+)", item)
-        if not m or m.group(1) not in registry.sampler_names():
-            ap.error(f"--set needs SAMPLER.KEY=VALUE with SAMPLER in {registry.sampler_names()}, got {item!r}")
+    try:
+        overrides = parse_set_overrides(args.set, registry.sampler_names())
+    except ValueError as e:
+        ap.error(str(e))
+    for item in args.sweep:
+        name, _, values = item.partition("=")
         try:
-            value = json.loads(m.group(3))
-        except json.JSONDecodeError:
-            value = m.group(3)
-        overrides.setdefault(m.group(1), {})[m.group(2)] = value
+            for v in values.split(","):
+                one = parse_set_overrides([f"{name}={v}"], registry.sampler_names())
+                (base, kw), = one.items()
+                (key, val), = kw.items()
+                label = f"{base}[{key}={v}]"
+                samplers.append(label)
+                overrides[label] = {**overrides.get(base, {}), key: val}
+        except ValueError as e:
+            ap.error(str(e).replace("--set", "--sweep"))
     for name, kw in overrides.items():  # fail early on a bad key or value
+        name = name.split("[", 1)[0]
         try:
             build_sampler(name, args.steps, **kw)
         except (TypeError, ValueError) as e:
@@ -806,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "problems": args.problems, "samples": args.samples, "steps": args.steps, "seed": args.seed,
                  "directions": 1000, "sw": "SW_1 = mean over directions of W_1 (sw2_*: sqrt(mean W_2^2))",
                  "schedule": "DDPM linear beta 1e-4..0.02, T=1000", "dtype": "float32 samplers, float64 exact",
-                 "hparams": {s: {**hparams(s), **overrides.get(s, {})} for s in samplers},
+                 "hparams": {s: {**hparams(s.split("[", 1)[0]), **overrides.get(s, {})} for s in samplers},
                  "threads": torch.get_num_threads(),
                  "workers": args.workers, "cpu_seconds": _cpu_seconds(),
                  "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},

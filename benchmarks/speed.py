@@ -71,6 +71,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from benchmarks import parse_set_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 def speed_samplers() -> list[str]:
@@ -206,15 +208,16 @@ def load_images(batch: int, resolution: int, device, seed: int = 0):
         return (torch.rand((batch, 3, resolution, resolution), generator=g) * 2 - 1).to(device), "random"
 
 
-def make_sampler(name: str, steps: int, small: bool = False):
+def make_sampler(name: str, steps: int, small: bool = False, sets: Optional[dict] = None):
     """The sampler's class with its constructor defaults and ``steps``; ``small`` (``--quick``) also applies its
     ``test_overrides`` (the generic tests' small settings: fewer particles and inner iterations; not ``steps``, not
-    a None "the operator's own" setting)."""
+    a None "the operator's own" setting); ``sets`` (``--set``) last."""
     from reddiff import registry
 
     cls = registry.sampler_class(name)
     kw = {k: v for k, v in cls.test_overrides.items() if k != "steps" and v is not None} if small else {}
-    return cls(**kw, steps=steps)
+    kw.update(sets or {})
+    return cls(**{"steps": steps, **kw})
 
 
 def import_all_samplers() -> dict:
@@ -375,13 +378,13 @@ def worker_sampler(spec: dict) -> dict:
     prior, op, x, y, indices, source = _problem(spec, batch, latent)
     dev = x.device
     # warm-up: a short run of the same sampler on the same batch (lazy initialisations, allocator, caches)
-    small = spec.get("quick", False)
-    make_sampler(name, min(spec["warmup"], steps), small).sample(y, op, prior, BatchRNG.for_images(0, indices, dev))
+    small, sets = spec.get("quick", False), spec.get("set", {}).get(name)
+    make_sampler(name, min(spec["warmup"], steps), small, sets).sample(y, op, prior, BatchRNG.for_images(0, indices, dev))
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     walls, cpus, nfes, intervals, net = [], [], [], [], []
-    sampler = make_sampler(name, steps, small)
+    sampler = make_sampler(name, steps, small, sets)
     for _ in range(spec["repeats"]):
         prior.reset_nfe()
         clock = StepClock(prior) if dev.type == "cpu" else None
@@ -560,7 +563,7 @@ def build_specs(a) -> list[dict]:
     common = {"prior": a.prior, "device": a.device, "dtype": a.dtype, "channels_last": a.channels_last,
               "compile": a.compile, "threads": a.threads, "steps": a.steps,
               "repeats": a.repeats, "forward_repeats": a.forward_repeats, "warmup": a.warmup, "loop_calls": a.loop_calls,
-              "sweep_steps": a.sweep_steps, "sweep_repeats": a.sweep_repeats, "quick": a.quick}
+              "sweep_steps": a.sweep_steps, "sweep_repeats": a.sweep_repeats, "quick": a.quick, "set": a.set}
     specs = []
     for b in (a.batch if a.samplers else []):
         for s in a.samplers:
@@ -622,7 +625,7 @@ def assemble(a, specs: list[dict], results: list[dict], wall: float, command: st
     out["meta"] = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                    "machine": machine(), "quick": a.quick, "prior": a.prior, "dtype": a.dtype,
                    "channels_last": a.channels_last, "compile": a.compile, "task": "sr4",
-                   "batches": a.batch, "steps": a.steps, "repeats": a.repeats,
+                   "batches": a.batch, "steps": a.steps, "set": a.set, "repeats": a.repeats,
                    "forward_repeats": a.forward_repeats, "warmup": a.warmup, "threads": a.threads, "jobs": a.jobs,
                    "samplers": list(a.samplers), "targets": {"wall_over_forward": {n: target(n) for n in a.samplers}, "rss": RSS_TARGET,
                                                              "sweep": SWEEP_TARGET},
@@ -644,8 +647,9 @@ def markdown(res: dict) -> str:
          f"threads {m['threads'] or mach['default_threads']}" + (f", GPU {mach['cuda']}" if mach["cuda"] else "")
          + (f"; load average at the end {', '.join(f'{x:.1f}' for x in mach['load_average'])}"
             if mach.get("load_average") else "") + "  ",
-         f"Task: sr4 (x4 block average) on the {m['prior']} prior, steps {', '.join(f'{k} {v}' for k, v in m['steps'].items())}, "
-         f"dtype {m['dtype']}{', channels_last' if m['channels_last'] else ''}{', torch.compile' if m['compile'] else ''}; "
+         f"Task: sr4 (x4 block average) on the {m['prior']} prior, steps {', '.join(f'{k} {v}' for k, v in m['steps'].items())}"
+         + "".join(f"; --set {n}: " + ", ".join(f"{k} {v}" for k, v in kw.items()) for n, kw in m.get("set", {}).items())
+         + f", dtype {m['dtype']}{', channels_last' if m['channels_last'] else ''}{', torch.compile' if m['compile'] else ''}; "
          f"median of {m['repeats']} timed run(s) after a {m['warmup']}-step warm-up, bare call median of "
          f"{m['forward_repeats']} after {m['warmup']} warm-up call(s)."
          + (" **--quick: smoke-test settings, not for reporting.**" if m["quick"] else ""), "",
@@ -743,6 +747,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-repeats", type=int, default=None, help="alternating sweep timings (median; default 3)")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--jobs", type=int, default=None, help="workers at a time (default 1; >1 spoils timings)")
+    p.add_argument("--set", action="append", default=[], metavar="SAMPLER.KEY=VALUE",
+                   help="a constructor setting of one sampler (repeatable), e.g. --set d_flow.max_iter=1: for "
+                        "samplers whose default cost is hours here; the ratios are per network call")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -761,6 +768,10 @@ def parse_args(argv=None):
     unknown = [s for s in a.samplers if s not in known]
     if unknown:
         p.error(f"unknown samplers {unknown}; known: {', '.join(known)}")
+    try:
+        a.set = parse_set_overrides(a.set, known)
+    except ValueError as e:
+        p.error(str(e))
     a.steps = {s: (a.steps if a.steps is not None else default_steps(s)) for s in a.samplers}
     if (any(b < 1 for b in a.batch) or min([*a.steps.values(), 1]) < 1 or min(a.repeats, a.forward_repeats, a.warmup,
                                               a.loop_calls, a.sweep_steps, a.sweep_repeats) < 1):
