@@ -128,8 +128,6 @@ def _sync(device):
 
 def load_prior(spec: dict):
     """The prior of ``spec['prior']`` on ``spec['device']`` with the requested fast paths."""
-    import torch
-
     from reddiff.priors.perf import apply_fast_paths
 
     device = spec["device"]
