@@ -44,76 +44,26 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmarks.gmm_posterior import _gen, _seed, random_directions, sampler_stream, sliced_wasserstein
+from benchmarks.gmm_posterior import random_directions, sampler_stream, sliced_wasserstein
 from reddiff import registry
 from reddiff.core.errors import UserError
-from reddiff.core.rng import BatchRNG
-from reddiff.priors.image_gmm import ImageMixturePrior
+from reddiff.core.rng import BatchRNG, stream_generator, stream_seed
+from reddiff.priors.image_gmm import FAMILY_TYPES, ImageMixturePrior
+from reddiff.run.photo_priors import mixture_means
 
-FAMILY_TYPES = ("lowpass", "centre", "chroma")
 REFERENCES = ("exact", "prior")
 
 
 # ------------------------------------------------------------------------------------------ the prior
-def photo_pool(downsample: int = 4) -> list[torch.Tensor]:
-    """The training photos in model units ``(3, H, W)`` float64, area-downsampled by ``downsample``."""
-    from reddiff.data.photos import training_photos
-
-    out = []
-    for img in training_photos().values():
-        t = torch.from_numpy(np.array(img)).permute(2, 0, 1).to(torch.float64) / 127.5 - 1.0
-        out.append(torch.nn.functional.avg_pool2d(t[None], downsample)[0])
-    return out
-
-
-def _crop(pool, size: int, g: torch.Generator) -> torch.Tensor:
-    im = pool[int(torch.randint(len(pool), (1,), generator=g))]
-    i = int(torch.randint(im.shape[1] - size + 1, (1,), generator=g))
-    j = int(torch.randint(im.shape[2] - size + 1, (1,), generator=g))
-    return im[:, i:i + size, j:j + size]
-
-
-def _lowpass(x):
-    return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x[None], 4), scale_factor=4,
-                                           mode="nearest")[0]
-
-
-def _centre_mask(size):
-    m = torch.zeros(size, size, dtype=torch.float64)
-    s = round(size / 2)
-    a = (size - s) // 2
-    m[a:a + s, a:a + s] = 1.0
-    return m
-
-
-FAMILY = {  # base crop c, variant crop d -> a mean that agrees with c on the measured part
-    "lowpass": lambda c, d: _lowpass(c) + d - _lowpass(d),
-    "centre": lambda c, d: c * (1 - _centre_mask(c.shape[-1])) + d * _centre_mask(c.shape[-1]),
-    "chroma": lambda c, d: c.mean(0, keepdim=True) + d - d.mean(0, keepdim=True),
-}
-
-
-def build_means(size: int, families: int, variants: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """``(K, 3, size, size)`` means and the family type of each (module docstring)."""
-    pool = photo_pool()
-    g = _gen(seed, 7)
-    means, types = [], []
-    for kind in FAMILY_TYPES:
-        for _ in range(families):
-            c = _crop(pool, size, g)
-            for j in range(variants):
-                means.append(FAMILY[kind](c, c if j == 0 else _crop(pool, size, g)))
-                types.append(kind)
-    return torch.stack(means), types
-
-
 _PRIOR_CACHE: dict = {}
 
 
 def make_prior(size, families, variants, std, seed) -> tuple[ImageMixturePrior, list[str]]:
+    """The benchmark's prior and the family type of each component, built once per setting
+    (:func:`reddiff.run.photo_priors.mixture_means`)."""
     key = (size, families, variants, std, seed)
     if key not in _PRIOR_CACHE:
-        means, types = build_means(size, families, variants, seed)
+        means, types = mixture_means(size, families, variants, seed)
         _PRIOR_CACHE[key] = (ImageMixturePrior(means, std), types)
     return _PRIOR_CACHE[key]
 
@@ -270,7 +220,7 @@ def run_problem(task: str, p: int, cfg: dict, plan: dict) -> dict:
     torch.set_num_threads(1)
     prior, types = make_prior(cfg["size"], cfg["families"], cfg["variants"], cfg["std"], cfg["seed"])
     tid = int(registry.task_names().index(task))
-    g = _gen(cfg["seed"], tid, p, 0)
+    g = stream_generator(cfg["seed"], tid, p, 0)
     comps = [k for k, t in enumerate(types) if t == FAMILY_TYPES[p % len(FAMILY_TYPES)]]
     k = comps[int(torch.randint(len(comps), (1,), generator=g))]
     x_star = prior.means[k].reshape(prior.shape) + prior.std * torch.randn(prior.shape, generator=g,
@@ -278,13 +228,13 @@ def run_problem(task: str, p: int, cfg: dict, plan: dict) -> dict:
     bind = binder(task, p, cfg["size"], cfg["sigma_y"])
     op1 = bind(1)
     sigma = op1.noise_std
-    y = op1.measure(x_star[None], BatchRNG(_seed(cfg["seed"], tid, p, 1), per_item=False))
+    y = op1.measure(x_star[None], BatchRNG(stream_seed(cfg["seed"], tid, p, 1), per_item=False))
     t0 = time.perf_counter()
     post = prior.spectral_posterior(y, bind, sigma)
     mean, total_var = post.mean(), post.total_variance()
     n = cfg["samples"]
-    ref = post.sample(cfg["ref_samples"], _gen(cfg["seed"], tid, p, 2))
-    theta = random_directions(cfg["dirs"], prior.d, _gen(cfg["seed"], tid, p, 3))
+    ref = post.sample(cfg["ref_samples"], stream_generator(cfg["seed"], tid, p, 2))
+    theta = random_directions(cfg["dirs"], prior.d, stream_generator(cfg["seed"], tid, p, 3))
     refflat = ref.reshape(ref.shape[0], -1)
     sw = lambda X: sliced_wasserstein(X.reshape(X.shape[0], -1), refflat, theta)[0]
     out = {"component": k, "family": types[k], "effective_modes": post.effective_modes(),
@@ -299,8 +249,8 @@ def run_problem(task: str, p: int, cfg: dict, plan: dict) -> dict:
         if keep is not None:
             keep[label] = X.detach().double()
 
-    record("exact", post.sample(n, _gen(cfg["seed"], tid, p, 4)), 0.0, 0)
-    record("prior", prior.sample(n, _gen(cfg["seed"], tid, p, 5)), 0.0, 0)
+    record("exact", post.sample(n, stream_generator(cfg["seed"], tid, p, 4)), 0.0, 0)
+    record("prior", prior.sample(n, stream_generator(cfg["seed"], tid, p, 5)), 0.0, 0)
     yb = y.to(torch.float32).expand((n,) + tuple(y.shape[1:])).contiguous()
     opn = bind(n)
     for name, runs in plan.items():
@@ -310,7 +260,7 @@ def run_problem(task: str, p: int, cfg: dict, plan: dict) -> dict:
             sampler = registry.build_sampler(name, task, **ov)
             pv = view_for(name, prior)
             stream = entry[4] if len(entry) > 4 else label  # runs that share a stream share their noise (paired)
-            rng = BatchRNG(_seed(cfg["seed"], tid, p, sampler_stream(stream)), per_item=False)
+            rng = BatchRNG(stream_seed(cfg["seed"], tid, p, sampler_stream(stream)), per_item=False)
             pv.reset_nfe()
             t0 = time.perf_counter()
             try:

@@ -50,7 +50,7 @@ from reddiff.operators.matrix import MatrixOperator
 from reddiff.priors.perf import keep_freed_heap
 from reddiff.priors.dialects import DIALECTS
 from reddiff.priors.gmm import GaussianMixturePrior, GMMProblem, mcgdiff_problem
-from reddiff.core.rng import BatchRNG
+from reddiff.core.rng import BatchRNG, stream_generator, stream_seed
 
 REFERENCES = ("exact", "prior")
 TUNE_SEED = 1_000_003
@@ -71,17 +71,6 @@ def hparams(name: str) -> dict:
 def sampler_stream(name: str) -> int:
     """A per-sampler random stream id that depends on the name only (not on registry order)."""
     return 10 + zlib.crc32(name.encode())
-
-
-# ------------------------------------------------------------------------------------------ seeds
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from a tuple of non-negative ints (numpy SeedSequence: independent streams)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
-
-
-def _gen(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
 
 
 # ------------------------------------------------------------------------------------------ sliced Wasserstein
@@ -213,7 +202,7 @@ def build_sampler(name: str, default_steps: int, **overrides):
 def make_problem(d: int, d_y: int, seed: int, index: int, schedule: Schedule, dialect: str = "vp_discrete"):
     """Prior, problem and exact posterior of problem ``index`` of cell ``(d, d_y)``; deterministic in the seed.
     ``dialect``: the prior's view (reddiff/priors/dialects.py); the problem and posterior do not depend on it."""
-    g = _gen(seed, d, d_y, index, 0)
+    g = stream_generator(seed, d, d_y, index, 0)
     prior = GaussianMixturePrior.mcgdiff(d, g, schedule=schedule, dialect=dialect)
     pb = mcgdiff_problem(prior, d_y, g)
     post = prior.posterior(pb.y, pb.A, pb.sigma_y)
@@ -274,8 +263,8 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     schedule = Schedule()
     prior, pb, post = make_problem(d, d_y, seed, p, schedule, dialect)
     op = problem_operator(pb)
-    run_prior, run_op = latent_view(prior, pb, _gen(seed, d, d_y, p, 4)) if latent else (prior, op)
-    g_ref = _gen(seed, d, d_y, p, 1)
+    run_prior, run_op = latent_view(prior, pb, stream_generator(seed, d, d_y, p, 4)) if latent else (prior, op)
+    g_ref = stream_generator(seed, d, d_y, p, 1)
     theta = random_directions(n_dirs, d, g_ref)
     ref = post.sample(samples, g_ref)
     ref_sorted = _sorted_projections(ref, theta)
@@ -307,16 +296,16 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
             kept[name] = X.detach().to(torch.float64).cpu()
 
     t0 = time.perf_counter()
-    X = post.sample(samples, _gen(seed, d, d_y, p, 2))
+    X = post.sample(samples, stream_generator(seed, d, d_y, p, 2))
     score("exact", X, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    X = prior.sample(samples, _gen(seed, d, d_y, p, 3))
+    X = prior.sample(samples, stream_generator(seed, d, d_y, p, 3))
     score("prior", X, time.perf_counter() - t0)
     y = pb.y.to(torch.float32)[None, :].expand(samples, d_y).contiguous()
     for name in samplers:  # a --sweep column "name[key=value]" runs name with its overrides and name's noise
         base = name.split("[", 1)[0]
         sampler = build_sampler(base, steps, **(overrides or {}).get(name, {}))
-        rng = BatchRNG(_seed(seed, d, d_y, p, sampler_stream(base)), per_item=False)
+        rng = BatchRNG(stream_seed(seed, d, d_y, p, sampler_stream(base)), per_item=False)
         t0 = time.perf_counter()
         X = sampler.sample(y, run_op, run_prior, rng)
         score(name, X, time.perf_counter() - t0)
@@ -567,7 +556,7 @@ def pigdm_covariance_table(dims: Sequence[int], dims_y: Sequence[int], problems:
             ratios = {t: [] for t in ts}
             for p in range(problems):
                 prior, pb, post = make_problem(d, dy, seed, p, schedule)
-                g = _gen(seed, d, dy, p, 4)
+                g = stream_generator(seed, d, dy, p, 4)
                 x0 = post.sample(n, g)
                 A, s2 = pb.A, pb.sigma_y ** 2
                 base = torch.linalg.eigvalsh(A @ A.T)
@@ -605,7 +594,7 @@ def _run_configs(name: str, configs: list[dict], y: torch.Tensor, n: int, op, pr
                 vals = [configs[k].get(key, hparams(name).get(key)) for k in idx]
                 kw[key] = [vals[j] for _ in range(n) for j in range(K)]
         sampler = build_sampler(name, steps, **kw)
-        rng = BatchRNG(_seed(rng_seed, g_i), per_item=False)
+        rng = BatchRNG(stream_seed(rng_seed, g_i), per_item=False)
         X = sampler.sample(y.expand(n * K, y.shape[1]).contiguous(), op, prior, rng)
         out[:, idx] = X.reshape(n, K, -1).to(out)
     return out
@@ -636,14 +625,14 @@ def tune(names: Sequence[str], *, dims: Sequence[int], dims_y: Sequence[int], pr
             for p in range(problems):
                 prior, pb, post = make_problem(d, dy, seed, p, schedule)
                 op = problem_operator(pb)
-                run_prior, run_op = latent_view(prior, pb, _gen(seed, d, dy, p, 4)) if latent else (prior, op)
-                g = _gen(seed, d, dy, p, 1)
+                run_prior, run_op = latent_view(prior, pb, stream_generator(seed, d, dy, p, 4)) if latent else (prior, op)
+                g = stream_generator(seed, d, dy, p, 1)
                 theta = random_directions(1000, d, g)
                 ref_sorted = _sorted_projections(post.sample(ref_samples, g), theta)
                 sw_prior[p] = sliced_wasserstein_sorted(
-                    _sorted_projections(prior.sample(samples, _gen(seed, d, dy, p, 3)), theta), ref_sorted)[0]
+                    _sorted_projections(prior.sample(samples, stream_generator(seed, d, dy, p, 3)), theta), ref_sorted)[0]
                 X = _run_configs(name, configs, pb.y.to(torch.float32)[None, :], samples, run_op, run_prior, steps,
-                                 _seed(seed, d, dy, p, sampler_stream(name)))
+                                 stream_seed(seed, d, dy, p, sampler_stream(name)))
                 for k in range(len(configs)):
                     sw[k, p] = (sliced_wasserstein_sorted(_sorted_projections(X[:, k], theta), ref_sorted)[0]
                                 if torch.isfinite(X[:, k]).all() else math.inf)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import exact_images as E
+from reddiff.run.photo_priors import mixture_means
 from reddiff import registry
 from reddiff.report import claims_exact as CE
 
@@ -17,7 +18,7 @@ torch.set_num_threads(1)
 def test_family_means_agree_on_what_the_operator_measures():
     """A lowpass family's means have one x4 block average, a centre family's agree outside the hole and a chroma
     family's share the channel mean: noiselessly the posterior cannot tell the variants apart."""
-    means, types = E.build_means(16, families=2, variants=3, seed=0)
+    means, types = mixture_means(16, families=2, variants=3, seed=0)
     for kind, task in (("lowpass", "sr4"), ("centre", "inpaint_box"), ("chroma", "colorization")):
         k = types.index(kind)
         op = registry.build_operator(task).setup([0] * 3, (3, 3, 16, 16), dtype=torch.float64)

@@ -1,9 +1,22 @@
-"""Per-image random streams, so a batch gives the same numbers as a loop over its images."""
+"""Per-image random streams, so a batch gives the same numbers as a loop over its images; and named streams
+(:func:`stream_seed`, :func:`stream_generator`) for benchmarks and priors built from random draws."""
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (numpy SeedSequence: independent streams)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & ((1 << 63) - 1)
+
+
+def stream_generator(*parts: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`stream_seed` of ``parts``."""
+    return torch.Generator().manual_seed(stream_seed(*parts))
 
 
 class BatchRNG:

@@ -4,8 +4,17 @@ posterior under any SVD operator.
 The prior is :class:`reddiff.priors.gmm.GaussianMixturePrior` with isotropic covariances, seen with an image
 shape, so its denoiser is the same closed form at every noise level (responsibility-weighted shrinkage towards
 each mean, O(K d) per image through the basis of the means) and every dialect and sampler works unchanged,
-with the NFE counted by the base class.  The means are given (``benchmarks/exact_images.py`` builds them from
-training-photo crops; this layer may not read data).
+with the NFE counted by the base class.  The means are given; :func:`build_means` makes designed-multimodal ones
+from a pool of photos it is handed (``reddiff.run.photo_priors`` reads the training photos and builds the
+``prior=image_gmm`` / ``prior=latent_gmm`` priors and the means of ``benchmarks/exact_images.py``: this layer may
+not read data).
+
+Designed means (:func:`build_means`): ``K = 3 * families * variants``; each family has a base crop ``c`` and
+``variants`` other crops ``d_j`` (the first is ``c`` itself), and its means agree on one measured part and differ
+elsewhere, so the posterior of that measurement keeps ``variants`` modes: ``lowpass``: ``L c + (d_j - L d_j)``
+with ``L`` the x4 block average (what sr4 measures); ``centre``: ``c`` outside the centre square of half the side,
+``d_j`` inside (what inpaint_box measures); ``chroma``: the channel mean of ``c`` plus the chroma
+``d_j - mean_c d_j`` (what colorization measures).
 
 Exact posterior of ``y = H x + sigma e`` for ``H = U diag(s) V^T`` (the :class:`SVDOperator` pieces, duck-typed:
 ``Vt``, ``V``, ``Ut``, ``singulars``).  With one shared covariance ``s^2 I`` every component's posterior has the
@@ -30,6 +39,57 @@ from reddiff.core.diffusion import Schedule
 from reddiff.priors.gmm import GaussianMixturePrior, _categorical, _randn
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+FAMILY_TYPES = ("lowpass", "centre", "chroma")
+
+
+def _crop(pool, size: int, g: torch.Generator) -> torch.Tensor:
+    im = pool[int(torch.randint(len(pool), (1,), generator=g))]
+    i = int(torch.randint(im.shape[1] - size + 1, (1,), generator=g))
+    j = int(torch.randint(im.shape[2] - size + 1, (1,), generator=g))
+    return im[:, i:i + size, j:j + size]
+
+
+def _lowpass(x):
+    return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x[None], 4), scale_factor=4,
+                                           mode="nearest")[0]
+
+
+def _centre_mask(size):
+    m = torch.zeros(size, size, dtype=torch.float64)
+    s = round(size / 2)
+    a = (size - s) // 2
+    m[a:a + s, a:a + s] = 1.0
+    return m
+
+
+FAMILY = {  # base crop c, variant crop d -> a mean that agrees with c on the measured part
+    "lowpass": lambda c, d: _lowpass(c) + d - _lowpass(d),
+    "centre": lambda c, d: c * (1 - _centre_mask(c.shape[-1])) + d * _centre_mask(c.shape[-1]),
+    "chroma": lambda c, d: c.mean(0, keepdim=True) + d - d.mean(0, keepdim=True),
+}
+
+
+def build_means(pool, size: int, families: int, variants: int,
+                g: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """``(K, 3, size, size)`` designed means from crops of ``pool`` (``(3, H, W)`` float64 photos, each at least
+    ``size`` on a side) drawn with ``g``, and the family type of each (module docstring)."""
+    if size % 4 or size <= 0:
+        raise ValueError(f"the image size must be a positive multiple of 4 (the x4 lowpass family), got {size}")
+    if families < 1 or variants < 1:
+        raise ValueError(f"families and variants must be >= 1, got {families} and {variants}")
+    small = min(min(im.shape[1:]) for im in pool)
+    if small < size:
+        raise ValueError(f"a {size}-px crop does not fit the smallest photo of the pool ({small} px)")
+    means, types = [], []
+    for kind in FAMILY_TYPES:
+        for _ in range(families):
+            c = _crop(pool, size, g)
+            for j in range(variants):
+                means.append(FAMILY[kind](c, c if j == 0 else _crop(pool, size, g)))
+                types.append(kind)
+    return torch.stack(means), types
 
 
 class ImageMixturePrior(GaussianMixturePrior):

@@ -34,6 +34,7 @@ from reddiff.core.weights import MissingWeightsError, sha256sum
 from reddiff.priors.base import Prior
 from reddiff.priors.dialects import bcast
 from reddiff.priors.gmm import GaussianMixturePrior
+from reddiff.priors.image_gmm import ImageMixturePrior
 from reddiff.priors.unet import frozen
 
 AUTOENCODERS = ("AutoencoderKL", "VQModel")
@@ -228,6 +229,48 @@ class LinearDecoderGMM(GaussianMixturePrior):
 
     def pixel_posterior_samples(self, y, A, sigma: float, n: int, rng=None) -> torch.Tensor:
         return self.pixel_posterior(y, A, sigma).sample(n, rng) @ self.W.T
+
+    def reset_nfe(self) -> None:
+        super().reset_nfe()
+        self.encoder_calls = self.decoder_calls = 0
+
+
+
+class ImageMixtureLatent(ImageMixturePrior):
+    """An image mixture seen as a latent prior behind a fixed linear decoder (``prior=latent_gmm``).
+
+    Latents ``z`` of shape ``(C, H/f, W/f)``; the decoder ``D`` is ``f x f`` nearest-neighbour upsampling (a linear
+    map with orthogonal columns of norm ``f``) and the encoder ``E = D^+`` is ``f x f`` average pooling, both torch
+    ops on ``(B, C, h, w)`` batches (differentiable; calls counted as in :class:`LinearDecoderGMM`).  Given the pixel
+    mixture ``sum_k w_k N(m_k, s^2 I)`` (``means``, ``std``), the latent prior is ``sum_k w_k N(E m_k, (s/f)^2 I)``:
+    exactly the law of ``E(x)`` for ``x`` from the pixel mixture (an average of ``f^2`` independent pixels of
+    variance ``s^2`` has variance ``s^2 / f^2``), so the decoded prior is that of ``D E x``, the pixel mixture
+    projected onto the decoder's range.  The latent denoiser is the exact mixture one in every dialect."""
+
+    name = "latent_image_gmm"
+
+    def __init__(self, means, std: float, factor: int = 2, weights=None, schedule: Optional[Schedule] = None,
+                 dialect: str = "vp_discrete"):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        factor = int(factor)
+        if means.ndim != 4 or factor < 1 or means.shape[-1] % factor or means.shape[-2] % factor:
+            raise ValueError(f"means must be (K, C, H, W) with H and W multiples of factor={factor}; "
+                             f"got {tuple(means.shape)}")
+        super().__init__(torch.nn.functional.avg_pool2d(means, factor), float(std) / factor, weights,
+                         schedule=schedule, dialect=dialect)
+        self.factor, self.pixel_std = factor, float(std)
+        self.pixel_shape = tuple(int(v) for v in means.shape[1:])
+        self.encoder_calls = self.decoder_calls = 0
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(B, C, H, W)`` of latents ``z`` (``f x f`` nearest-neighbour upsampling)."""
+        self.decoder_calls += 1
+        return torch.nn.functional.interpolate(z, scale_factor=self.factor, mode="nearest")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents of pixels ``x``: ``f x f`` average pooling, the decoder's pseudo-inverse."""
+        self.encoder_calls += 1
+        return torch.nn.functional.avg_pool2d(x, self.factor)
 
     def reset_nfe(self) -> None:
         super().reset_nfe()
