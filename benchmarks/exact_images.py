@@ -7,7 +7,8 @@
 Prior (:class:`reddiff.priors.image_gmm.ImageMixturePrior`): ``sum_k w_k N(m_k, s^2 I)`` on 3 x size x size
 images in model units, ``K = 3 * families * variants`` means built from crops of the **training** photos
 (reddiff/data/photos.py, never the demo or tuning photos; each photo area-downsampled x4 first so a crop holds a
-scene, not a texture).  Multimodality is designed in (a real image prior with K isotropic components is almost
+scene, not a texture) by :func:`reddiff.run.photo_priors.mixture_means` (the construction of
+:func:`reddiff.priors.image_gmm.build_means`; also ``python run.py prior=image_gmm``).  Multimodality is designed in (a real image prior with K isotropic components is almost
 always unimodal after the measurement, the issue's measurement): each family has a base crop ``c`` and
 ``variants`` other crops ``d_j`` (the first is ``c`` itself), and its means agree on one measured part and differ
 elsewhere:
