@@ -78,7 +78,8 @@ class Sampler:
         """Refuse, before any sampling, a prior dialect the method is not defined on or a step count the prior's
         schedule cannot provide."""
         if self.needs_latent and not callable(getattr(prior, "decode", None)):
-            raise ValueError(f"{self.name}: needs a latent prior (an encoder and a decoder: prior=latent_tiny, sd15, ...); "
+            raise ValueError(f"{self.name}: needs a latent prior (an encoder and a decoder: prior=latent_tiny, latent_gmm, "
+                             "sd15, ...); "
                              f"prior {getattr(prior, 'name', type(prior).__name__)} is a pixel prior")
         dialect = getattr(prior, "dialect", "vp_discrete")
         if self.dialects is not None and dialect not in self.dialects:
