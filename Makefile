@@ -27,7 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup  ## regenerate results/speed.md and results/gmm_posterior.md
-	$(PY) -m benchmarks.speed --json results/speed.json
+	$(PY) -m benchmarks.speed --json results/speed.json --threads 1 --steps 10 --no-sweep --set d_flow.max_iter=1 --set d_flow.lbfgs_iter=3
 	$(PY) -m benchmarks.gmm_posterior --json results/gmm_posterior.json --md results/gmm_posterior.md --plot results/gmm_posterior_2d.png --workers 2
 
 exact: setup  ## every sampler on every SVD task against the exact image-scale mixture posterior, then the budget curve and RED-diff ablations (docs/EXACT_IMAGES.md)
