@@ -45,8 +45,10 @@ OURS = [p for p in PRESETS if p not in OTHERS]
 GPU = [p for p in OURS if not p.startswith("demo_")]
 DEMO = [p for p in OURS if p.startswith("demo_")]
 TABLE1_SAMPLERS = ["reddiff", "dps", "pigdm", "ddrm", "pinv"]
-#: the demo tables also run the round-2 solvers
-DEMO_SAMPLERS = TABLE1_SAMPLERS + ["ddnm", "diffpir", "daps", "pnpdm", "mcgdiff", "fps_smc"]
+#: the demo tables also run the round-2 solvers and the round-3 pixel and flow solvers
+DEMO_SAMPLERS = TABLE1_SAMPLERS + ["ddnm", "diffpir", "daps", "pnpdm", "mcgdiff", "fps_smc", "pnp_flow", "ot_ode",
+                                   "flowdps", "flowchef", "flow_priors", "d_flow", "lgd", "tmpd", "sitcom", "ddsmc",
+                                   "enkg"]
 #: the images of the full data sets (docs/ANCHORS.md: the 1k DGP ImageNet validation list; FFHQ 00000-00999)
 FULL_SET = {"imagenet1k": 1000, "ffhq1k": 1000, "demo": 12}
 
@@ -251,7 +253,9 @@ def test_demo_table1_settings(hydra_ctx):
     jobs = _by_sampler("demo_table1")
     steps = {k[1]: nfe(v["sampler"]) for k, v in jobs.items()}
     assert steps == {"reddiff": 100, "dps": 100, "pigdm": 100, "ddrm": 20, "pinv": 0, "ddnm": 100,
-                     "diffpir": 20, "daps": 100, "pnpdm": 91, "mcgdiff": 100, "fps_smc": 100}  # DiffPIR: official 20
+                     "diffpir": 20, "daps": 100, "pnpdm": 91, "mcgdiff": 100, "fps_smc": 100,  # DiffPIR: official 20
+                     "pnp_flow": 100, "ot_ode": 90, "flowdps": 100, "flowchef": 100, "flow_priors": 100, "d_flow": 100,
+                     "lgd": 100, "tmpd": 100, "sitcom": 100, "ddsmc": 100, "enkg": 80}
     assert jobs[("inpaint_freeform", "dps")]["sampler"].zeta == 0.1
     assert _by_sampler("demo_sr4")[("sr4", "pinv")]["sampler"].bicubic is True
 
