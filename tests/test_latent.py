@@ -148,9 +148,9 @@ def test_run_py_on_the_tiny_latent_prior_scores_pixels(tmp_path):
     from reddiff.run.experiment import run
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", "prior=latent_tiny",
+        cfg = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", f"prior={prior}",
                                            "sampler=dps", "sampler.steps=3", "data.count=2", "task=sr4"])
-        na = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", "prior=latent_tiny",
+        na = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", f"prior={prior}",
                                           "sampler=ddrm", "sampler.steps=3", "data.count=2", "task=sr4"])
     s = run(cfg, tmp_path / "dps")
     assert s["status"] == "ok" and s["n_images"] == 2 and s["cost"]["nfe_per_image"] == 3
@@ -167,11 +167,13 @@ def test_run_py_on_the_tiny_latent_prior_scores_pixels(tmp_path):
 LATENT = [n for n in registry.sampler_names() if getattr(registry.sampler_class(n), "needs_latent", False)]
 
 
+@pytest.mark.parametrize("prior", ["latent_tiny", pytest.param("latent_gmm", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", LATENT)
-def test_every_latent_solver_runs_or_is_refused_in_one_line_on_every_task(name, tmp_path):
-    """On the tiny latent model, through run.py's job runner: every task either runs (scored in pixels, NFE
-    counted) or is n/a with the capability it lacks; every linear task runs; at least one nonlinear one runs or the
-    solver is linear-only by declaration.  (Tasks whose operator needs absent weights are skipped.)"""
+def test_every_latent_solver_runs_or_is_refused_in_one_line_on_every_task(name, prior, tmp_path):
+    """On the tiny latent model and on the linear-decoder mixture (``prior=latent_gmm``), through run.py's job
+    runner: every task either runs (scored in pixels, NFE counted) or is n/a with the capability it lacks; every
+    linear task runs; at least one nonlinear one runs or the solver is linear-only by declaration.  (Tasks whose
+    operator needs absent weights are skipped.)"""
     from reddiff.core.errors import UserError
     from reddiff.run.experiment import run
 
@@ -180,7 +182,7 @@ def test_every_latent_solver_runs_or_is_refused_in_one_line_on_every_task(name, 
     ran, refused = set(), set()
     for task in registry.task_names():
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", "prior=latent_tiny",
+            cfg = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", f"prior={prior}",
                                                f"sampler={name}", f"task={task}", "data.count=1",
                                                "sampler.steps=4", *small])
         try:
