@@ -235,7 +235,6 @@ class LinearDecoderGMM(GaussianMixturePrior):
         self.encoder_calls = self.decoder_calls = 0
 
 
-
 class ImageMixtureLatent(ImageMixturePrior):
     """An image mixture seen as a latent prior behind a fixed linear decoder (``prior=latent_gmm``).
 
