@@ -148,9 +148,9 @@ def test_run_py_on_the_tiny_latent_prior_scores_pixels(tmp_path):
     from reddiff.run.experiment import run
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", f"prior={prior}",
+        cfg = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", "prior=latent_tiny",
                                            "sampler=dps", "sampler.steps=3", "data.count=2", "task=sr4"])
-        na = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", f"prior={prior}",
+        na = compose("config", overrides=["logger=none", "progress=false", "metrics=fast", "prior=latent_tiny",
                                           "sampler=ddrm", "sampler.steps=3", "data.count=2", "task=sr4"])
     s = run(cfg, tmp_path / "dps")
     assert s["status"] == "ok" and s["n_images"] == 2 and s["cost"]["nfe_per_image"] == 3
