@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test test-fast bench exact tables results tune claims clean-venv gpu-wheels gpu-check gpu-check-dry
 
 DEMO_PRESETS := demo_table1 demo_sr4 demo_inpaint_box demo_weighting demo_order demo_steps
+DEMO_REF_PRESETS := demo_table1 demo_sr4 demo_inpaint_box  # their tables carry the paired Δ against RED-diff
 
 setup: $(STAMP)
 
@@ -52,6 +53,7 @@ tables: setup  ## rebuild table.md/table.csv of every committed sweep under resu
 
 results: setup  ## rerun every committed demo sweep on the embedded prior into results/<preset>/ (CPU, ~30 min)
 	for p in $(DEMO_PRESETS); do rm -rf results/$$p; WANDB_SILENT=true $(PY) run.py -m +experiment=$$p progress=false hydra.sweep.dir=results/$$p || exit 1; done
+	for p in $(DEMO_REF_PRESETS); do $(PY) -m reddiff.tables results/$$p --ref reddiff > /dev/null || exit 1; done
 
 tune: setup  ## equal-budget Optuna tuning of every sampler with a tune_space, at the demo tables' step counts -> conf/tuned/embedded*, results/tune/ (CPU, ~16 min)
 	WANDB_SILENT=true $(PY) -m reddiff.tune.make --prior embedded --tasks inpaint_freeform,sr4 --steps-from demo_table1

@@ -224,9 +224,9 @@ REF_IN_HEADER = re.compile(r"\| Δ\S* vs (\S+)(?: \[95%\])? \|")
 def recorded_ref(root: Path) -> str | None:
     """The reference sampler of an existing table.md (its provenance), so a rebuild keeps the ``Δ vs`` column."""
     line = provenance_line(root)
-    m = REF_ON_LINE.search(line or "")
-    if m:
-        return m.group(1)
+    refs = REF_ON_LINE.findall(line or "")
+    if refs:
+        return refs[-1]
     p = Path(root) / "table.md"
     if not p.is_file():
         return None
@@ -255,8 +255,8 @@ def write_tables(root: Path, command: str | None = None, ref: str | None = None)
         import datetime
 
         line = f"Command: `{command}` ({datetime.date.today().isoformat()})"
-    if line and ref and ref != old_ref:
-        line += f"; table: `python -m reddiff.tables {root.name} --ref {ref}`"
+    if line and ref and ref != old_ref:  # the newest reference replaces an older one on the line
+        line = re.sub(r"; table: `[^`]*`$", "", line) + f"; table: `python -m reddiff.tables {root.name} --ref {ref}`"
     if line:
         md = line + "\n\n" + md
     write_if_changed(root / "table.md", md)  # a rebuild that changes nothing but the date leaves the file as it is

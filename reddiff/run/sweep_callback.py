@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from reddiff.report.tables import build_rows, collect, write_tables
+from reddiff.report.tables import build_rows, collect, recorded_ref, write_tables
 
 
 class SweepTableCallback(Callback):
@@ -22,7 +22,7 @@ class SweepTableCallback(Callback):
             print(f"[reddiff] no finished job under {root}: no table written", file=sys.stderr)
             return
         cmd = sweep_command(config)
-        md = write_tables(root, cmd)
+        md = write_tables(root, cmd, ref=recorded_ref(root))  # a rerun into the folder keeps the table's Δ column
         print(f"\n[reddiff] sweep table ({root}/table.md):\n{md}")
         if config.get("experiment_name"):  # experiment presets: plots next to the tables (reddiff.report.plots)
             try:
