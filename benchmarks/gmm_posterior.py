@@ -68,6 +68,11 @@ def hparams(name: str) -> dict:
     return dict(registry.sampler_class(name).gmm_hparams or {})
 
 
+def column_sampler(column: str) -> str:
+    """The registry sampler of a table column: ``dps`` for ``dps`` and for a ``--sweep`` column ``dps[zeta=1]``."""
+    return column.split("[", 1)[0]
+
+
 def sampler_stream(name: str) -> int:
     """A per-sampler random stream id that depends on the name only (not on registry order)."""
     return 10 + zlib.crc32(name.encode())
@@ -303,7 +308,7 @@ def run_problem(d: int, d_y: int, p: int, *, samples: int, steps: int, seed: int
     score("prior", X, time.perf_counter() - t0)
     y = pb.y.to(torch.float32)[None, :].expand(samples, d_y).contiguous()
     for name in samplers:  # a --sweep column "name[key=value]" runs name with its overrides and name's noise
-        base = name.split("[", 1)[0]
+        base = column_sampler(name)
         sampler = build_sampler(base, steps, **(overrides or {}).get(name, {}))
         rng = BatchRNG(stream_seed(seed, d, d_y, p, sampler_stream(base)), per_item=False)
         t0 = time.perf_counter()
@@ -756,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             ap.error(str(e).replace("--set", "--sweep"))
     for name, kw in overrides.items():  # fail early on a bad key or value
-        name = name.split("[", 1)[0]
+        name = column_sampler(name)
         try:
             build_sampler(name, args.steps, **kw)
         except (TypeError, ValueError) as e:
@@ -807,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "problems": args.problems, "samples": args.samples, "steps": args.steps, "seed": args.seed,
                  "directions": 1000, "sw": "SW_1 = mean over directions of W_1 (sw2_*: sqrt(mean W_2^2))",
                  "schedule": "DDPM linear beta 1e-4..0.02, T=1000", "dtype": "float32 samplers, float64 exact",
-                 "hparams": {s: {**hparams(s.split("[", 1)[0]), **overrides.get(s, {})} for s in samplers},
+                 "hparams": {s: {**hparams(column_sampler(s)), **overrides.get(s, {})} for s in samplers},
                  "threads": torch.get_num_threads(),
                  "workers": args.workers, "cpu_seconds": _cpu_seconds(),
                  "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},

@@ -407,6 +407,24 @@ def test_benchmark_cli_smoke(tmp_path):
     assert text.startswith("intro\n") and text.rstrip().endswith("outro") and "old" not in text and "| 4 | 2 |" in text
 
 
+def test_benchmark_sweep_columns_share_the_samplers_noise(tmp_path):
+    """``--sweep dps.zeta=A,B``: one column per value after the sampler's own; the value the sampler already uses
+    reproduces its column to the last digit (same noise stream), another value changes it."""
+    import json
+
+    from benchmarks.gmm_posterior import hparams, main
+
+    zeta = hparams("dps")["zeta"]
+    out = tmp_path / "gmm.json"
+    main(["--dims", "4", "--dims-y", "1", "--problems", "2", "--samples", "64", "--steps", "5", "--samplers", "dps",
+          "--sweep", f"dps.zeta={zeta},{10 * zeta}", "--json", str(out)])
+    cell = json.loads(out.read_text())["results"]["4"]["1"]
+    same, other = f"dps[zeta={zeta}]", f"dps[zeta={10 * zeta}]"
+    assert list(cell) == ["exact", "prior", "dps", same, other]
+    assert cell[same]["sw_per_problem"] == cell["dps"]["sw_per_problem"]
+    assert cell[other]["sw_per_problem"] != cell["dps"]["sw_per_problem"]
+
+
 @pytest.mark.slow
 def test_benchmark_is_independent_of_workers_and_honours_overrides(tmp_path):
     """Problems are seeded by (seed, d, d_y, p): two worker processes give the same numbers as one; --set reaches

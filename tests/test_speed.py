@@ -317,3 +317,19 @@ def test_batched_preset_is_the_demo_lambda_lr_grid(root):
     for key in ("task", "prior", "data", "sampler", "metrics", "seed"):
         assert batched[key] == plain[key], key
     assert batched.sweep_max_batch >= 1
+
+
+def test_set_reaches_the_sampler_and_a_bad_one_is_one_line():
+    """``--set d_flow.max_iter=1`` builds D-Flow with it (its NFE follows); an unknown sampler is refused in one
+    line with exit code 2."""
+    from benchmarks.speed import parse_args
+
+    a = parse_args(["--samplers", "d_flow", "--set", "d_flow.max_iter=1", "--set", "d_flow.lbfgs_iter=3"])
+    assert a.set == {"d_flow": {"max_iter": 1, "lbfgs_iter": 3}}
+    s = make_sampler("d_flow", 10, sets=a.set["d_flow"])
+    assert (s.max_iter, s.lbfgs_iter) == (1, 3) and s.expected_nfe(None) == 2 * 10 * (3 + 1 * 3)
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--set", "nosuch.x=1"], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 2 and "--set needs SAMPLER.KEY=VALUE" in p.stderr.strip().splitlines()[-1]
