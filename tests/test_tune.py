@@ -169,3 +169,28 @@ def test_make_tune_steps_from_a_preset_match_the_committed_tuned_files():
     r = subprocess.run([sys.executable, "-m", "reddiff.tune.make", "--steps", "5", "--steps-from", "demo_table1"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_make_tune_runs_each_sampler_with_the_preset_s_untuned_settings(monkeypatch):
+    """With ``--steps-from``, the sweep of a sampler carries the preset's other settings of it (not the tuned keys),
+    so the trials cost and mean what the demo row does: D-Flow's iterations, EnKG's ensemble, SITCOM's inner steps."""
+    from reddiff.tune import make
+
+    spaces = tunable()
+    assert make.preset_fixed("demo_table1", "d_flow", spaces["d_flow"]) == {"max_iter": 1, "lbfgs_iter": 7}
+    assert make.preset_fixed("demo_table1", "enkg", spaces["enkg"]) == {"particles": 8}
+    assert make.preset_fixed("demo_table1", "reddiff", spaces["reddiff"]) == {"weighting": "linear"}  # lr, lam tuned
+    for name in spaces:   # demo_sr4 runs each sampler with them too (Pi-GDM's start_t 500 comes from task sr4)
+        sr4 = make.preset_fixed("demo_sr4", name, spaces[name])
+        assert make.preset_fixed("demo_table1", name, spaces[name]).items() <= sr4.items(), name
+    seen = {}
+
+    def fake_child(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(make, "run_child", fake_child)
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        make.tune_one("embedded", "sr4", "d_flow", 5, 2, 1, lambda s: None, {"max_iter": 1, "lbfgs_iter": 7})
+    assert "sampler.steps=5" in seen["cmd"] and "sampler.max_iter=1" in seen["cmd"]
+    assert "sampler.lbfgs_iter=7" in seen["cmd"]

@@ -8,7 +8,8 @@ For each task and each sampler able to run it, one ``python run.py -m +tune=<sam
 sampler.steps=<S>`` (Hydra's Optuna sweeper, :mod:`reddiff.tune.sweeper`) in ``multirun/tune/<prior>/<task>_s<S>/<sampler>``;
 ``S`` is the sampler's own step count for the task (its YAML: 100 for RED-diff, DPS, Pi-GDM; 20 for DDRM, the
 counts of the demo tables) unless ``--steps`` sets one for all or ``--steps-from PRESET`` takes each sampler's
-count from an experiment preset (``make tune``: ``demo_table1``, whose counts ``demo_sr4`` shares).  Then:
+count from an experiment preset (``make tune``: ``demo_table1``, whose counts ``demo_sr4`` shares), with the
+preset's other untuned settings of that sampler (D-Flow's iterations, EnKG's ensemble).  Then:
 
 * ``results/tune/<prior>/<task>_s<S>/<sampler>/``: copies of Hydra's ``optimization_results.yaml`` and the
   sweep's ``table.md`` (every trial);
@@ -67,13 +68,24 @@ def _preset_path(preset: str) -> Path:
     return path
 
 
+def _preset_hparams(preset: str, sampler: str) -> dict:
+    raw = yaml.safe_load(_preset_path(preset).read_text()) or {}
+    return dict(((raw.get("task") or {}).get("hparams") or {}).get(sampler) or {})
+
+
 def preset_steps(preset: str, sampler: str, task: str) -> int:
     """The step count the experiment preset ``conf/experiment/<preset>.yaml`` runs ``sampler`` with: its
     ``task.hparams.<sampler>.steps`` where set, else the sampler's own count for ``task``.  Tuned settings are keyed
     by step count, so tuning at these counts is what makes them apply to that preset's rows."""
-    raw = yaml.safe_load(_preset_path(preset).read_text()) or {}
-    hp = ((raw.get("task") or {}).get("hparams") or {}).get(sampler) or {}
+    hp = _preset_hparams(preset, sampler)
     return int(hp["steps"]) if "steps" in hp else default_steps(sampler, task)
+
+
+def preset_fixed(preset: str, sampler: str, space: dict) -> dict:
+    """The preset's other settings of ``sampler`` (not ``steps``, not a tuned key), e.g. D-Flow's ``max_iter`` and
+    ``lbfgs_iter``, EnKG's ``particles``: the tuning sweep runs with them, so the trials cost what the preset's row
+    costs and the tuned values are tuned for that row."""
+    return {k: v for k, v in _preset_hparams(preset, sampler).items() if k != "steps" and k not in space}
 
 
 def die_with_parent(parent: int) -> None:
@@ -101,12 +113,13 @@ def run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, preexec_fn=pre, **kw)
 
 
-def tune_one(prior: str, task: str, sampler: str, steps: int, trials: int, images: int, log) -> dict:
+def tune_one(prior: str, task: str, sampler: str, steps: int, trials: int, images: int, log,
+             fixed: dict | None = None) -> dict:
     sweep = ROOT / "multirun" / "tune" / prior / f"{task}_s{steps}" / sampler
     shutil.rmtree(sweep, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"+tune={sampler}", f"task={task}", f"prior={prior}",
-           f"sampler.steps={steps}", f"hydra.sweeper.n_trials={trials}", f"data.count={images}",
-           f"hydra.sweep.dir={sweep}"]
+           f"sampler.steps={steps}", *(f"sampler.{k}={v}" for k, v in (fixed or {}).items()),
+           f"hydra.sweeper.n_trials={trials}", f"data.count={images}", f"hydra.sweep.dir={sweep}"]
     t0 = time.time()
     log(f"[make_tune] {' '.join(cmd[1:])}")
     r = run_child(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -201,7 +214,8 @@ def main(argv=None) -> int:
                 print(f"[make_tune] {name} cannot run {task} on prior={a.prior}: skipped", flush=True)
                 continue
             steps = a.steps or (preset_steps(a.steps_from, name, task) if a.steps_from else default_steps(name, task))
-            res = tune_one(a.prior, task, name, steps, a.trials, a.images, lambda s: print(s, flush=True))
+            fixed = preset_fixed(a.steps_from, name, spaces[name]) if a.steps_from else {}
+            res = tune_one(a.prior, task, name, steps, a.trials, a.images, lambda s: print(s, flush=True), fixed)
             # written after every sampler, so an interrupted run keeps what it finished
             print(f"[make_tune] wrote {write_task_file(a.prior, task, steps, {name: res}, meta)}", flush=True)
             write_preset(a.prior, meta)
