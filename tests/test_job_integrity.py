@@ -75,6 +75,28 @@ def test_row01_folder_bound_to_its_configuration(tmp_path):
     assert (arch / "metrics.csv").read_text() == before
 
 
+def test_row01_tuned_settings_bind_by_what_was_applied_not_by_the_whole_tuned_table(tmp_path):
+    """A ``+tuned`` job is bound to the settings applied to its sampler (``tuned.applied``), not to the tuned table of
+    every sampler: tuning another sampler later must not lock its folder, but a changed value of its own must."""
+    from reddiff.store.jobdir import bind, fingerprint
+
+    cfg = {"sampler": {"name": "dps", "steps": 3}, "tuned": {"applied": {"sampler": "dps", "settings": {"zeta": 3.0}},
+                                                             "table": {"sr4": {"s100": {"dps": {"zeta": 3.0}}}}}}
+    d = tmp_path / "J"
+    d.mkdir()
+    bind(d, fingerprint(cfg))
+    (d / "metrics.csv").write_text("image_id,psnr\na,1\n")
+    more = {**cfg, "tuned": {**cfg["tuned"], "table": {"sr4": {"s100": {"dps": {"zeta": 3.0}, "tmpd": {"eta": 0.9}}}}}}
+    bind(d, fingerprint(more))                                   # another sampler tuned since: resumes
+    old = json.loads((d / "fingerprint.json").read_text())
+    old["values"]["tuned.table.sr4.s100.dps.zeta"] = "3.0"         # a fingerprint written before the exclusion
+    (d / "fingerprint.json").write_text(json.dumps(old))
+    bind(d, fingerprint(more))
+    changed = {**cfg, "tuned": {**cfg["tuned"], "applied": {"sampler": "dps", "settings": {"zeta": 2.0}}}}
+    with pytest.raises(UserError, match=r"tuned\.applied\.settings\.zeta 3\.0 -> 2\.0"):
+        bind(d, fingerprint(changed))
+
+
 def test_row01_sharding_keys_may_differ_between_merged_shards(tmp_path):
     from reddiff.report.tables import collect
 

@@ -33,6 +33,24 @@ def test_the_four_paper_samplers_declare_a_space_that_optuna_parses():
     assert z.low <= 0.1 and 1.0 <= z.high
 
 
+@pytest.mark.parametrize("task", ["inpaint_freeform", "sr4"])
+def test_every_space_contains_the_settings_of_each_tuned_task(task):
+    """The official value of every tuned key, as the task sets it (sr4 maps PnP-Flow's lr, Flow-Priors' and D-Flow's
+    lmbda for its block average: conf/task/sr4.yaml), lies inside the searched range, so tuning can only match or
+    beat the official setting on the tuning split."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    for name, space in tunable().items():
+        cfg = registry.sampler_config(name, task)
+        dists = create_params_from_overrides([f"sampler.{k}={v}" for k, v in space.items()])[0]
+        for key in space:
+            dist, v = dists[f"sampler.{key}"], cfg[key]
+            if hasattr(dist, "choices"):
+                assert v in dist.choices or str(v) in map(str, dist.choices), (name, key, v, dist.choices)
+            else:
+                assert dist.low <= float(v) <= dist.high, (name, task, key, v, dist.low, dist.high)
+
+
 def test_generated_tune_configs_use_the_optuna_sweeper_and_the_tuning_split():
     assert set(register()) == set(tunable())
     node = tune_node("dps", {"zeta": "tag(log, interval(0.01, 30.0))"})

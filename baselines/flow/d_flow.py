@@ -47,8 +47,9 @@ class DFlow(Sampler):
     # tuned on the GMM tuning seed (docs/SAMPLERS.md "D-Flow": grid and scores)
     gmm_hparams = {"lmbda": 10.0, "max_iter": 4, "steps": 5}
     gmm_tune_grid = {"lmbda": [3.0, 10.0, 30.0, 100.0]}
-    # unverified: our range around the official 0.001 (scripts) and 0.01 (config)
-    tune_space = {"lmbda": "tag(log, interval(0.0001, 0.1))", "alpha": "interval(0.0, 1.0)"}
+    # unverified: our range around the official 0.001 (scripts) and 0.01 (config), and sr4's 6.25e-5 (the decimation
+    # mapping of conf/task/sr4.yaml)
+    tune_space = {"lmbda": "tag(log, interval(0.00001, 0.1))", "alpha": "interval(0.0, 1.0)"}
     test_overrides = {"steps": 2, "max_iter": 1, "lbfgs_iter": 2}
 
     def __init__(self, steps: int = 5, max_iter: int = 20, lbfgs_iter: int = 20, lmbda=0.01,

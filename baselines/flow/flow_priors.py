@@ -41,8 +41,9 @@ class FlowPriors(Sampler):
     # tuned on the GMM tuning seed (docs/SAMPLERS.md "Flow-Priors": grid and scores)
     gmm_hparams = {"lmbda": 1000.0, "eta": 1.0}
     gmm_tune_grid = {"lmbda": [10.0, 100.0, 1000.0], "eta": [0.1, 0.3, 1.0]}
-    # unverified: our ranges around the official per-task values (lmbda 100..1e4, eta 0.01..0.1)
-    tune_space = {"lmbda": "tag(log, interval(10.0, 100000.0))", "eta": "tag(log, interval(0.001, 0.3))"}
+    # unverified: our ranges around the official per-task values (lmbda 100..1e4, eta 0.01..0.1) and sr4's lmbda
+    # 1.6e5 (the decimation mapping of conf/task/sr4.yaml)
+    tune_space = {"lmbda": "tag(log, interval(10.0, 1000000.0))", "eta": "tag(log, interval(0.001, 0.3))"}
     test_overrides = {"inner_steps": 1}
     adam_betas = (0.9, 0.999)  # torch.optim.Adam's defaults, as the official code (flow_priors.py:89)
     adam_eps = 1e-8

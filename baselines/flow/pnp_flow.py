@@ -45,8 +45,9 @@ class PnPFlow(Sampler):
     # (lr 1: 0.731, official lr 1 alpha 1: 0.758); 500 NFE
     gmm_hparams = {"steps": 100, "num_samples": 5, "lr": 2.0, "alpha": 0.01}
     gmm_tune_grid = {"lr": [0.1, 0.3, 1.0, 2.0], "alpha": [0.01, 0.5, 1.0]}
-    # tuning space (reddiff.tune.sweeper; unverified: our range around the official lr 1.0 and alphas 0.01..1.0)
-    tune_space = {"lr": "tag(log, interval(0.1, 3.0))", "alpha": "interval(0.0, 1.5)"}
+    # tuning space (reddiff.tune.sweeper; unverified: our range around the official lr 1.0 and alphas 0.01..1.0, and
+    # sr4's lr 16, the decimation mapping of conf/task/sr4.yaml)
+    tune_space = {"lr": "tag(log, interval(0.1, 30.0))", "alpha": "interval(0.0, 1.5)"}
     test_overrides = {"num_samples": 2}
 
     def __init__(self, steps: int = 100, lr=1.0, alpha=1.0, num_samples: int = 5, log_every: int = 10):

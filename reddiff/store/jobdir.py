@@ -32,7 +32,9 @@ from reddiff.store.results import atomic_write_text
 #: top-level / dotted keys that do not change a job's rows (how it runs, logs, or draws)
 EXCLUDE = ("resume", "progress", "device", "save_images", "grid_images", "logger", "experiment_name", "hydra",
            "archive", "sweep_grid", "task.hparams", "prior.device", "metrics.device", "metrics.ref_cache",
-           "metrics.ref_cache_dir")
+           "metrics.ref_cache_dir", "tuned.table")
+# ``tuned.table`` is every tuned setting of the preset; what a job ran with is ``tuned.applied`` (fingerprinted), so a
+# sweep with +tuned resumes after other samplers or tasks were tuned
 SHARD_KEYS = ("data.shard", "data.num_shards")
 #: keys added after results were made, at the value that reproduces those results: left out of the fingerprint at
 #: that value, so folders made before the key existed still resume
@@ -79,7 +81,8 @@ def fingerprint(resolved: dict, weights_sha256: Optional[str] = None) -> dict:
 
 def differing(old: dict, new: dict) -> list[str]:
     a, b = old.get("values", {}), new.get("values", {})
-    return sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
+    keys = (k for k in set(a) | set(b) if not _excluded(k))   # an old fingerprint may hold keys excluded since
+    return sorted((k for k in keys if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
 
 
 def _has_results(job_dir: Path) -> bool:
