@@ -33,7 +33,8 @@ Reported per sampler (JSON, one entry per sampler name; the contracted keys firs
   process CPU time, which time spent descheduled by other processes does not inflate; CPU only; with one thread it
   isolates the sampler's own work best), ``wall_over_network_time`` (wall over the time spent inside the network --
   forward, and backward for DPS / Pi-GDM -- measured during the same run: the least noisy measure of the sampler's
-  own overhead on a shared machine; CPU only), ``rss_over_bare_loop`` (peak RSS over the
+  own overhead on a shared machine; CPU only; for latent solvers the decoder's and encoder's time counts with the
+  network's), ``rss_over_bare_loop`` (peak RSS over the
   bare loop of the same kind at the same batch), ``peak_gpu_mb`` on CUDA, and ``by_batch`` with all of this for
   every batch.  The top-level values are those of the largest batch.  A sampler that cannot be imported gets
   ``{"missing": reason}``; one that fails gets ``{"error": ...}``.
@@ -321,20 +322,24 @@ class StepClock:
     forward, and for calls whose input requires grad the backward through the network (from the moment the gradient
     reaches the output to the moment it reaches the input, via tensor hooks).  CPU only (no synchronisation).
     Network and sampler time are measured in the same run, so background load inflates both alike:
-    ``wall / network_s`` isolates the sampler's own cost on a busy machine."""
+    ``wall / network_s`` isolates the sampler's own cost on a busy machine.  ``coders``: the objects whose
+    ``decode`` / ``encode`` a latent solver calls (the latent prior, and the operator that holds them bound); their
+    time, forward and backward, counts in ``network_s`` too, as their calls count in the bare cost."""
 
-    def __init__(self, prior):
-        self.prior, self.stamps = prior, []
-        self._orig = {name: getattr(prior, name) for name in ("eps", "denoise")}
+    def __init__(self, prior, coders=()):
+        self.stamps = []
+        self._orig = [(prior, name, getattr(prior, name), True) for name in ("eps", "denoise")]
+        self._orig += [(obj, name, getattr(obj, name), False) for obj in coders for name in ("decode", "encode")]
         self.forward_s = 0.0
         self.backward_s = 0.0
-        for name, fn in self._orig.items():
-            setattr(prior, name, self._timed(fn))
+        for obj, name, fn, stamp in self._orig:
+            setattr(obj, name, self._timed(fn, stamp))
 
-    def _timed(self, fn):
+    def _timed(self, fn, stamp: bool):
         def call(x, *args, **kwargs):
             t0 = time.perf_counter()
-            self.stamps.append(t0)
+            if stamp:   # the step intervals are those between network calls
+                self.stamps.append(t0)
             out = fn(x, *args, **kwargs)
             self.forward_s += time.perf_counter() - t0
             if out.requires_grad and x.requires_grad:
@@ -354,8 +359,8 @@ class StepClock:
         return call
 
     def close(self):
-        for name, fn in self._orig.items():
-            setattr(self.prior, name, fn)
+        for obj, name, fn, _ in self._orig:
+            setattr(obj, name, fn)
 
     @property
     def network_s(self) -> float:
@@ -387,7 +392,7 @@ def worker_sampler(spec: dict) -> dict:
     sampler = make_sampler(name, steps, small, sets)
     for _ in range(spec["repeats"]):
         prior.reset_nfe()
-        clock = StepClock(prior) if dev.type == "cpu" else None
+        clock = StepClock(prior, (prior, op) if latent else ()) if dev.type == "cpu" else None
         c0, t0 = time.process_time(), time.perf_counter()
         out = sampler.sample(y, op, prior, BatchRNG.for_images(0, indices, dev))
         _sync(dev)
@@ -415,7 +420,6 @@ def worker_sampler(spec: dict) -> dict:
         bare += coder[0] * t_dec + coder[1] * t_enc
         extra = {"prior": "latent_tiny", "decoder_calls": coder[0], "encoder_calls": coder[1],
                  "decode_ms": t_dec * 1e3, "encode_ms": t_enc * 1e3}
-        net = []  # the clock sees the network only: wall/net would count the decoder as overhead
     iv = [i for i in intervals if i is not None]
     return {
         "sampler": name, "batch": batch, "steps": steps, "nfe": nfe, "wall_s": wall, "walls_s": walls,
@@ -662,7 +666,8 @@ def markdown(res: dict) -> str:
          "divides it by the peak of a bare loop of the same kind of call at the same batch.  Latent solvers "
          "(`+ dec, enc`) run on the tiny latent model (`prior=latent_tiny`, 64 px, 16x16x4 latents) whatever the "
          "prior above; their bare cost adds each decoder and encoder call (timed with a vector-Jacobian product, as "
-         "their data term differentiates through them) to the network's.", ""]
+         "their data term differentiates through them) to the network's, and their `wall/net` counts the time inside "
+         "the decoder and encoder (forward and backward) with the network's.", ""]
     for b in m["batches"]:
         L += [f"## Batch {b}", "",
               "| sampler | NFE | bare call (ms) | wall (s) | wall/fwd | step/fwd | cpu/fwd | wall/net | overhead/step (ms) | "
