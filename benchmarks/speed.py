@@ -46,8 +46,9 @@ the bare no_grad loop's; batched sweep <= 0.4 x separate runs.
 
 ``--md FILE`` writes a Markdown report (command, date, machine, tables); with ``--json FILE`` and no ``--md`` it is
 written next to the JSON (``FILE`` with suffix ``.md``), so ``make bench`` regenerates results/speed.md.
-Run time of the default settings: about 13 minutes with ``--threads 1`` on the shared 2-core development machine
-(CPU pressure ~50%); expected well under 10 minutes on a quiet 2-core machine with torch's default 2 threads.  On a
+Run time: the committed command of results/speed.md (every sampler, 10 steps, ``--no-sweep``, ``--threads 1``) took
+1665-1860 s on the quiet 2-core machine (2026-12-07); the defaults (each sampler's own step count, mostly 100) cost
+more in proportion and were not timed in full.  On a
 machine shared with other jobs use ``--threads 1``: two OpenMP threads competing with another busy process can slow
 every call down by an order of magnitude.  Timings taken under load are noisy (+-10% between processes); the
 in-run ratio ``wall_over_network_time`` and ``step_median_over_forward`` tell sampler overhead from load.
